@@ -1,0 +1,1 @@
+"""Calibration: dark processing, constants, masks and the calibration pass."""

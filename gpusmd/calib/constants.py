@@ -1,0 +1,104 @@
+"""Calibration constants of one detector and their HDF5 file.
+
+    /<det>/{pedestal, rms, gain, offset, status, mask}   (ngain, *shape) float32
+    /<det> attrs: type, run_min, run_max (runs the constants are valid for), source
+root attrs: format = "gpusmd-constants", format_version = 1
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..detectors import DetectorModel, get_detector
+from ..errors import ConstantsError
+
+FORMAT = "gpusmd-constants"
+FIELDS = ("pedestal", "rms", "gain", "offset", "status", "mask")
+RUN_ANY = -1      # run_max of constants valid for every later run
+
+
+@dataclass
+class Constants:
+    model: DetectorModel
+    pedestal: np.ndarray        # (ngain, *shape) ADU
+    rms: np.ndarray             # (ngain, *shape) ADU
+    gain: np.ndarray            # (ngain, *shape) ADU per unit (keV for multi-gain)
+    offset: np.ndarray          # (ngain, *shape) ADU
+    status: np.ndarray          # (ngain, *shape) status bits (DESIGN §5), 0 = good
+    mask: np.ndarray            # (ngain, *shape) user pixel mask, 1 = good
+    run_min: int = 0
+    run_max: int = RUN_ANY
+    source: str = ""
+    attrs: dict = field(default_factory=dict)
+
+    @classmethod
+    def default(cls, model: DetectorModel, pedestal=None, rms=None) -> "Constants":
+        """Constants with the model's default gains, zero offsets, all pixels good."""
+        shape = (model.ngain, *model.shape)
+        gain = np.broadcast_to(np.asarray(model.default_gain, np.float32)
+                               .reshape(-1, *([1] * len(model.shape))), shape).copy()
+        zeros = np.zeros(shape, np.float32)
+        return cls(model,
+                   pedestal=zeros.copy() if pedestal is None else np.asarray(pedestal, np.float32),
+                   rms=np.ones(shape, np.float32) if rms is None else np.asarray(rms, np.float32),
+                   gain=gain, offset=zeros.copy(), status=zeros.copy(),
+                   mask=np.ones(shape, np.float32))
+
+    def status_mask(self) -> np.ndarray:
+        """1 where the pixel is good in every gain range (DESIGN §5 'status')."""
+        return (self.status == 0).all(axis=0).astype(np.uint8)
+
+    def valid_for(self, run: int) -> bool:
+        return self.run_min <= run and (self.run_max == RUN_ANY or run <= self.run_max)
+
+    # ---- file -------------------------------------------------------------------------
+    def save(self, path, det: str, mode: str = "a"):
+        with h5py.File(path, mode) as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = 1
+            if det in f:
+                del f[det]
+            g = f.create_group(det)
+            for name in FIELDS:
+                g.create_dataset(name, data=np.asarray(getattr(self, name), np.float32),
+                                 compression="gzip", compression_opts=1)
+            g.attrs.update({"type": self.model.type, "run_min": self.run_min,
+                            "run_max": self.run_max, "source": self.source, **self.attrs})
+
+    @classmethod
+    def load(cls, path, det: str, model: DetectorModel | None = None) -> "Constants":
+        path = Path(path)
+        if not path.exists():
+            raise ConstantsError(f"{path}: constants file not found (detector {det!r})")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise ConstantsError(f"{path}: not an HDF5 constants file ({e})") from None
+        with f:
+            if det not in f:
+                raise ConstantsError(f"{path}: no constants for detector {det!r} "
+                                     f"(has: {', '.join(f) or 'nothing'})")
+            g = f[det]
+            type_ = g.attrs.get("type", model.type if model else None)
+            if model is None:
+                model = get_detector(type_, g["pedestal"].shape[1:] if type_ == "camera" else None)
+            elif type_ != model.type:
+                raise ConstantsError(f"{path}: /{det} holds constants of a {type_}, "
+                                     f"not of a {model.type}")
+            arrays = {}
+            expected = (model.ngain, *model.shape)
+            for name in FIELDS:
+                if name not in g:
+                    raise ConstantsError(f"{path}: /{det}/{name} is missing")
+                if g[name].shape != expected:
+                    raise ConstantsError(f"{path}: /{det}/{name} has shape {g[name].shape}, "
+                                         f"expected {expected}")
+                arrays[name] = g[name][()].astype(np.float32)
+            extra = {k: v for k, v in g.attrs.items()
+                     if k not in ("type", "run_min", "run_max", "source")}
+            return cls(model, **arrays, run_min=int(g.attrs.get("run_min", 0)),
+                       run_max=int(g.attrs.get("run_max", RUN_ANY)),
+                       source=str(g.attrs.get("source", "")), attrs=extra)

@@ -1,0 +1,1 @@
+"""File formats: raw runs, calibration constants, small-data output."""

@@ -1,0 +1,125 @@
+"""The raw run file format (one HDF5 file per run; see README "Raw file format").
+
+    /event_id                    (N,) int64
+    /timestamp                   (N,) int64 ns
+    /<det>/raw                   (N, *shape) detector dtype, one event per chunk;
+                                 attrs: type (detector type), shape for cameras
+    /<det>/config/pixel_config   (nstep, *shape) uint8   epix10k g (4) / ga (8) bits
+    /<det>/config/trbit          (nstep, nseg, 4) uint8  epix10k ASIC trbit
+    /<det>/config/step           (N,) int32 config step of each event (default 0)
+    /<group>/<name>              (N,) per-event scalars, passed through to the output
+    /truth/...                   simulator ground truth (never read by the pipeline)
+root attrs: format = "gpusmd-raw", format_version = 1, experiment, run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..detectors import DetectorModel, epix10k_control_bits, get_detector
+from ..errors import GpusmdError, RawFileError
+
+FORMAT = "gpusmd-raw"
+FORMAT_VERSION = 1
+RESERVED_GROUPS = ("truth",)
+
+
+class RawRun:
+    """An open raw run: its events, detectors and per-event scalars, validated."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise RawFileError(f"{self.path}: no such raw file")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as e:
+            raise RawFileError(f"{self.path}: not an HDF5 file ({e})") from None
+        try:
+            self._load()
+        except GpusmdError:
+            self._h5.close()
+            raise
+
+    def _load(self):
+        f = self._h5
+        for key in ("event_id", "timestamp"):
+            if key not in f:
+                raise RawFileError(f"{self.path}: missing /{key}")
+        self.event_id = f["event_id"][()].astype(np.int64)
+        self.timestamp = f["timestamp"][()].astype(np.int64)
+        self.n_events = len(self.event_id)
+        if len(self.timestamp) != self.n_events:
+            raise RawFileError(f"{self.path}: /timestamp has {len(self.timestamp)} entries, "
+                               f"/event_id {self.n_events}")
+        if np.any(np.diff(self.event_id) <= 0):
+            raise RawFileError(f"{self.path}: /event_id is not strictly increasing")
+        self.experiment = str(f.attrs.get("experiment", ""))
+        self.run = int(f.attrs.get("run", 0))
+        self.detectors: dict[str, DetectorModel] = {}
+        self.scalars: dict[str, np.ndarray] = {}
+        for name, obj in f.items():
+            if not isinstance(obj, h5py.Group) or name in RESERVED_GROUPS:
+                continue
+            if "raw" in obj:
+                self.detectors[name] = self._check_detector(name, obj)
+                continue
+            for key, ds in obj.items():
+                if isinstance(ds, h5py.Dataset) and ds.shape == (self.n_events,):
+                    self.scalars[f"{name}/{key}"] = ds[()]
+
+    def _check_detector(self, name, group) -> DetectorModel:
+        ds = group["raw"]
+        type_ = ds.attrs.get("type")
+        if type_ is None:
+            raise RawFileError(f"{self.path}: /{name}/raw has no 'type' attribute")
+        type_ = type_.decode() if isinstance(type_, bytes) else str(type_)
+        try:
+            model = get_detector(type_, ds.shape[1:] if type_ == "camera" else None)
+        except GpusmdError as e:
+            raise RawFileError(f"{self.path}: /{name}/raw: {e}") from None
+        if ds.shape[1:] != model.shape:
+            raise RawFileError(f"{self.path}: /{name}/raw has frames of shape {ds.shape[1:]}, "
+                               f"but a {type_} has {model.shape}")
+        if ds.dtype != np.dtype(model.dtype):
+            raise RawFileError(f"{self.path}: /{name}/raw has dtype {ds.dtype}, "
+                               f"but a {type_} has {model.dtype}")
+        if ds.shape[0] != self.n_events:
+            raise RawFileError(f"{self.path}: /{name}/raw has {ds.shape[0]} events, "
+                               f"/event_id {self.n_events}")
+        if model.family == "epix10k":
+            for key in ("pixel_config", "trbit"):
+                if f"config/{key}" not in group:
+                    raise RawFileError(f"{self.path}: /{name}/config/{key} is missing "
+                                       f"(epix10k gain decoding needs it)")
+        return model
+
+    # ---- access ----------------------------------------------------------------------
+    def read(self, det: str, start: int, stop: int) -> np.ndarray:
+        """Raw frames of events [start, stop) of one detector."""
+        return self._h5[det]["raw"][start:stop]
+
+    def steps(self, det: str) -> np.ndarray:
+        """Configuration step of each event (all 0 for a data run with one config)."""
+        g = self._h5[det]
+        if "config/step" in g:
+            return g["config/step"][()].astype(np.int64)
+        return np.zeros(self.n_events, np.int64)
+
+    def control_bits(self, det: str, step: int = 0) -> np.ndarray | None:
+        """epix10k per-pixel control bits of a config step; None for other detectors."""
+        if self.detectors[det].family != "epix10k":
+            return None
+        cfg = self._h5[det]["config"]
+        return epix10k_control_bits(cfg["pixel_config"][step], cfg["trbit"][step])
+
+    def close(self):
+        self._h5.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,1 @@
+"""CUDA C sources of gpusmd's kernels (installed as package data ``gpusmd.kernels``)."""
