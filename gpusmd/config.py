@@ -1,0 +1,213 @@
+"""The run config (YAML, DESIGN §10), validated before any work starts.
+
+Every problem is reported as one ConfigError naming the file and the key, e.g.
+``run.yaml: detectors.epix10k2M.functions[0].bounds: ...``. Checks that need the
+detector's shape (ROI bounds) run when the detector's processor is built, still
+before any output is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .backend import BACKEND_CHOICES
+from .calib.calibrate import GAIN_CONVENTIONS
+from .calib.masks import DEFAULT_MASK_OPTIONS, MASK_CHOICES
+from .errors import ConfigError
+
+COMMON_MODES = (0,)          # codes accepted so far; 0 = no common-mode correction
+COMPRESSIONS = ("gzip", "lz4", "none")
+SUM_KEYS = ("calib", "calib_square", "calib_max")
+SUM_PREFIXES = ("calib_thresADU", "calib_nhits")
+
+
+class Where:
+    """A location in the config file, for error messages."""
+
+    def __init__(self, source: str, path: str = ""):
+        self.source, self.path = source, path
+
+    def __truediv__(self, key) -> "Where":
+        if isinstance(key, int):
+            return Where(self.source, f"{self.path}[{key}]")
+        return Where(self.source, f"{self.path}.{key}" if self.path else str(key))
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.path}: {message}" if self.path
+                           else f"{self.source}: {message}")
+
+
+def check_keys(d, where: Where, allowed, required=()):
+    if not isinstance(d, dict):
+        raise where.error(f"expected a mapping, got {type(d).__name__}")
+    for key in d:
+        if key not in allowed:
+            raise (where / key).error(f"unknown key (allowed: {', '.join(allowed)})")
+    for key in required:
+        if key not in d:
+            raise (where / key).error("required key is missing")
+
+
+def check_type(value, types, where: Where, what: str):
+    # bool is an int in Python; a YAML 'true' must not pass as a number
+    if isinstance(value, bool) and bool not in types:
+        raise where.error(f"expected {what}, got a boolean")
+    if not isinstance(value, types):
+        raise where.error(f"expected {what}, got {value!r}")
+    return value
+
+
+def check_choice(value, choices, where: Where):
+    if value not in choices:
+        raise where.error(f"{value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+@dataclass
+class FunctionConfig:
+    kind: str
+    name: str
+    params: dict
+    where: Where
+
+
+@dataclass
+class DetectorConfig:
+    name: str
+    type: str | None
+    calib: Path | None
+    common_mode: int
+    gain_convention: str
+    mask: str
+    mask_options: dict
+    functions: list[FunctionConfig]
+    sums: list[str]
+    where: Where
+
+
+@dataclass
+class Config:
+    source: str
+    text: str
+    detectors: dict[str, DetectorConfig]
+    experiment: str = ""
+    backend: str = "auto"
+    batch_size: int = 16
+    compression: str = "gzip"
+    passthrough: bool | list = True
+    extra: dict = field(default_factory=dict)
+
+
+def check_sum_key(key, where: Where) -> str:
+    check_type(key, (str,), where, "a sum name")
+    if key in SUM_KEYS:
+        return key
+    for prefix in SUM_PREFIXES:
+        if key.startswith(prefix):
+            try:
+                float(key[len(prefix):] or "0")
+                return key
+            except ValueError:
+                pass
+    raise where.error(f"unknown sum {key!r} (known: {', '.join(SUM_KEYS)}, "
+                      f"calib_thresADU<N>, calib_nhits<N>)")
+
+
+def parse_function(d, where: Where, index: int, kind_names: dict) -> FunctionConfig:
+    from .features import FEATURES      # late import: features import this module
+    if not isinstance(d, dict):
+        raise where.error("expected a mapping with at least 'kind'")
+    if "kind" not in d:
+        raise (where / "kind").error("required key is missing")
+    kind = check_choice(d["kind"], tuple(FEATURES), where / "kind")
+    feature = FEATURES[kind]
+    params = {k: v for k, v in d.items() if k not in ("kind", "name")}
+    name = d.get("name") or feature.default_name(kind_names.get(kind, 0))
+    check_type(name, (str,), where / "name", "a name")
+    kind_names[kind] = kind_names.get(kind, 0) + 1
+    feature.check_params(params, where)
+    return FunctionConfig(kind, name, params, where)
+
+
+def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
+    allowed = ("type", "calib", "common_mode", "gain_convention", "mask", "mask_options",
+               "functions", "sums")
+    check_keys(d, where, allowed)
+    calib = d.get("calib")
+    if calib is not None:
+        check_type(calib, (str,), where / "calib", "a constants file path")
+        calib = Path(calib) if Path(calib).is_absolute() else base_dir / calib
+        if not calib.exists():
+            raise (where / "calib").error(f"constants file {calib} not found")
+    cm = check_type(d.get("common_mode", 0), (int,), where / "common_mode", "an integer code")
+    if cm not in COMMON_MODES:
+        raise (where / "common_mode").error(
+            f"common-mode code {cm} is not supported (known: {', '.join(map(str, COMMON_MODES))})")
+    mask_options = dict(d.get("mask_options") or {})
+    check_keys(mask_options, where / "mask_options", tuple(DEFAULT_MASK_OPTIONS))
+    for key, value in mask_options.items():
+        if key == "status_neighbours":
+            check_choice(value, (0, 4, 8), where / "mask_options" / key)
+        else:
+            check_type(value, (bool,), where / "mask_options" / key, "true or false")
+    functions = d.get("functions") or []
+    check_type(functions, (list,), where / "functions", "a list of functions")
+    kind_names: dict = {}
+    funcs = [parse_function(f, where / "functions" / i, i, kind_names)
+             for i, f in enumerate(functions)]
+    names = [f.name for f in funcs]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise (where / "functions").error(f"function names must be unique, repeated: {sorted(dup)}")
+    sums = d.get("sums") or []
+    check_type(sums, (list,), where / "sums", "a list of sum names")
+    type_ = d.get("type")
+    if type_ is not None:
+        check_type(type_, (str,), where / "type", "a detector type")
+    return DetectorConfig(
+        name=name, type=type_, calib=calib, common_mode=cm,
+        gain_convention=check_choice(d.get("gain_convention", "divide"), GAIN_CONVENTIONS,
+                                     where / "gain_convention"),
+        mask=check_choice(d.get("mask", "cmask"), MASK_CHOICES, where / "mask"),
+        mask_options=mask_options, functions=funcs,
+        sums=[check_sum_key(s, where / "sums" / i) for i, s in enumerate(sums)], where=where)
+
+
+def parse_config(data, source: str = "<config>", base_dir: Path | None = None, text: str = "") -> Config:
+    where = Where(source)
+    base_dir = base_dir or Path.cwd()
+    allowed = ("experiment", "backend", "batch_size", "compression", "passthrough", "detectors")
+    check_keys(data, where, allowed, required=("detectors",))
+    dets = data["detectors"]
+    check_keys(dets, where / "detectors", tuple(dets) if isinstance(dets, dict) else ())
+    if not dets:
+        raise (where / "detectors").error("no detectors configured")
+    batch = check_type(data.get("batch_size", 16), (int,), where / "batch_size", "an integer")
+    if batch < 1:
+        raise (where / "batch_size").error("must be at least 1")
+    passthrough = data.get("passthrough", True)
+    if not isinstance(passthrough, bool):
+        check_type(passthrough, (list,), where / "passthrough", "true, false or a list of names")
+    return Config(
+        source=source, text=text,
+        detectors={n: parse_detector(n, d or {}, where / "detectors" / n, base_dir)
+                   for n, d in dets.items()},
+        experiment=str(data.get("experiment", "")),
+        backend=check_choice(data.get("backend", "auto"), BACKEND_CHOICES, where / "backend"),
+        batch_size=batch,
+        compression=check_choice(data.get("compression", "gzip"), COMPRESSIONS, where / "compression"),
+        passthrough=passthrough)
+
+
+def load_config(path) -> Config:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_config(data, str(path), path.parent, text)

@@ -1,0 +1,79 @@
+"""The small-data output file (DESIGN §9).
+
+Per-event datasets grow along the first axis, chunked along events and compressed;
+once-per-run items (/UserDataCfg, /Sums) are written at the end; provenance goes in
+the root attributes. The file uses the latest HDF5 format so it can be read in SWMR
+mode."""
+from __future__ import annotations
+
+import numpy as np
+import h5py
+
+CHUNK_BYTES = 1 << 20       # aim for ~1 MiB chunks
+MAX_CHUNK_EVENTS = 4096
+
+
+def compression_args(name: str) -> dict:
+    if name == "gzip":
+        return {"compression": "gzip", "compression_opts": 1, "shuffle": True}
+    if name == "lz4":
+        import hdf5plugin
+        return dict(hdf5plugin.Bitshuffle(cname="lz4"))
+    return {}
+
+
+def chunk_events(row_shape, dtype) -> int:
+    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+    return int(max(1, min(MAX_CHUNK_EVENTS, CHUNK_BYTES // row_bytes)))
+
+
+def h5_value(value):
+    """A value HDF5 can store: strings as UTF-8 strings, everything else as an array."""
+    if isinstance(value, str):
+        return value
+    return np.asarray(value)
+
+
+class SmallDataWriter:
+    def __init__(self, path, compression: str = "gzip"):
+        self.path = path
+        self.f = h5py.File(path, "w", libver="latest")
+        self.compression = compression_args(compression)
+        self.n_events = 0
+
+    def append(self, columns: dict[str, np.ndarray]):
+        """Append one batch: every per-event dataset gets the same number of rows."""
+        lengths = {len(v) for v in columns.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"per-event columns of different lengths: {lengths}")
+        n = lengths.pop()
+        for path, value in columns.items():
+            value = np.asarray(value)
+            if path not in self.f:
+                self.f.create_dataset(path, shape=(self.n_events, *value.shape[1:]),
+                                      maxshape=(None, *value.shape[1:]), dtype=value.dtype,
+                                      chunks=(chunk_events(value.shape[1:], value.dtype),
+                                              *value.shape[1:]), **self.compression)
+            ds = self.f[path]
+            ds.resize(self.n_events + n, axis=0)
+            ds[self.n_events:] = value
+        self.n_events += n
+
+    def write(self, path: str, value):
+        if path in self.f:
+            del self.f[path]
+        value = h5_value(value)
+        if isinstance(value, str) or value.ndim == 0:
+            self.f[path] = value
+        else:
+            self.f.create_dataset(path, data=value, **self.compression)
+
+    def set_attrs(self, attrs: dict, path: str = "/"):
+        for key, value in attrs.items():
+            self.f[path].attrs[key] = h5_value(value)
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.f.close()

@@ -1,0 +1,82 @@
+"""The per-detector processing of a run: calibrate -> mask -> features -> sums.
+
+One DetectorProcessor serves the in-process replay and the service worker alike: it
+takes batches of raw frames and returns per-event results as NumPy arrays."""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import Backend
+from .calib.calibrate import Calibrator
+from .calib.constants import RUN_ANY, Constants
+from .calib.masks import pixel_masks
+from .config import DetectorConfig
+from .detectors import DetectorModel
+from .errors import ConfigError, ConstantsError
+from .features import FEATURES
+from .features.sums import RunSums
+
+
+class DetectorProcessor:
+    def __init__(self, cfg: DetectorConfig, model: DetectorModel, backend: Backend,
+                 run: int | None = None):
+        if cfg.type is not None and cfg.type != model.type:
+            raise (cfg.where / "type").error(f"config says {cfg.type}, the data hold a {model.type}")
+        self.cfg, self.model, self.backend = cfg, model, backend
+        if cfg.calib is not None:
+            self.constants = Constants.load(cfg.calib, cfg.name, model)
+            if run is not None and not self.constants.valid_for(run):
+                last = "on" if self.constants.run_max == RUN_ANY else self.constants.run_max
+                raise ConstantsError(f"{cfg.calib}: constants of {cfg.name!r} are valid for runs "
+                                     f"{self.constants.run_min}-{last}, not for run {run}")
+        elif model.multigain:
+            raise (cfg.where / "calib").error(f"a {model.type} needs calibration constants "
+                                              f"(make them with `gpusmd dark`)")
+        else:
+            self.constants = Constants.default(model)    # cameras: raw values, no pedestal
+        self.masks = pixel_masks(model, self.constants, cfg.mask_options)
+        self.calibrator = Calibrator(model, self.constants, self.masks[cfg.mask], backend,
+                                     cfg.gain_convention)
+        self.features = [FEATURES[f.kind](f.name, f.params, model, self.masks, backend, f.where)
+                         for f in cfg.functions]
+        self.sums = RunSums(cfg.sums, model.shape, backend)
+
+    @property
+    def units(self) -> str:
+        return "ADU" if self.cfg.gain_convention != "divide" else self.model.units
+
+    def set_control_bits(self, step: int, control_bits):
+        self.calibrator.set_control_bits(step, control_bits)
+
+    def process(self, raw: np.ndarray, step: int = 0) -> dict[str, np.ndarray]:
+        """Raw frames (B, *shape) of one config step -> {"<func>_<field>": (B, ...)}."""
+        if raw.shape[1:] != self.model.shape:
+            raise ConfigError(f"{self.cfg.name}: frames of shape {raw.shape[1:]}, "
+                              f"a {self.model.type} has {self.model.shape}")
+        calib = self.calibrator(raw, step)
+        self.sums.update(calib)
+        out = {}
+        for feature in self.features:
+            for field, value in feature.process(calib).items():
+                out[f"{feature.name}_{field}"] = self.backend.to_host(value)
+        return out
+
+    def user_data_cfg(self) -> dict:
+        """What /UserDataCfg/<det>/ holds: constants, masks, coordinates, parameters."""
+        c = self.constants
+        x, y, z = self.model.coords_um()
+        items = {"pedestal": c.pedestal, "rms": c.rms, "gain": c.gain, "offset": c.offset,
+                 "status": c.status, "mask": self.masks["mask"], "cmask": self.masks["cmask"],
+                 "calib_mask": self.masks[self.cfg.mask], "x": x, "y": y, "z": z,
+                 "common_mode": self.cfg.common_mode, "gain_convention": self.cfg.gain_convention,
+                 "units": self.units, "type": self.model.type,
+                 "constants_file": str(self.cfg.calib or ""),
+                 "constants_runs": np.array([c.run_min, c.run_max])}
+        for feature in self.features:
+            items[f"{feature.name}__kind"] = feature.kind
+            for key, value in feature.config_items().items():
+                items[f"{feature.name}__{key}"] = value
+        return items
+
+    def run_sums(self) -> dict[str, np.ndarray]:
+        return self.sums.result()

@@ -1,0 +1,130 @@
+"""Offline replay in one process: raw run -> per-detector processing -> output file.
+
+Everything that can be refused (config, detectors missing from the run, constants,
+ROI bounds, passthrough names) is checked while the processors are built, before the
+output file is created."""
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .backend import Backend, get_backend
+from .config import Config
+from .errors import ConfigError
+from .io.output import SmallDataWriter
+from .io.raw import RawRun
+from .processor import DetectorProcessor
+
+
+@dataclass
+class ReplaySummary:
+    output: Path
+    n_events: int
+    seconds: float
+    backend: str
+    datasets: list[str] = field(default_factory=list)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.n_events / self.seconds if self.seconds > 0 else float("inf")
+
+
+def build_processors(config: Config, run: RawRun, backend: Backend) -> dict[str, DetectorProcessor]:
+    procs = {}
+    for name, dcfg in config.detectors.items():
+        if name not in run.detectors:
+            raise (dcfg.where).error(f"detector {name!r} is not in {run.path} "
+                                     f"(it has: {', '.join(run.detectors) or 'none'})")
+        proc = DetectorProcessor(dcfg, run.detectors[name], backend, run.run)
+        for step in np.unique(run.steps(name)):
+            proc.set_control_bits(int(step), run.control_bits(name, int(step)))
+        procs[name] = proc
+    return procs
+
+
+def passthrough_names(config: Config, run: RawRun) -> list[str]:
+    if config.passthrough is True:
+        return sorted(run.scalars)
+    if config.passthrough is False:
+        return []
+    missing = [n for n in config.passthrough if n not in run.scalars]
+    if missing:
+        raise ConfigError(f"{config.source}: passthrough: {missing} not in {run.path} "
+                          f"(it has: {', '.join(sorted(run.scalars)) or 'none'})")
+    return list(config.passthrough)
+
+
+def step_runs(steps: np.ndarray):
+    """(step, start, stop) for each stretch of equal config steps."""
+    edges = np.flatnonzero(np.diff(steps)) + 1
+    starts = np.concatenate([[0], edges])
+    stops = np.concatenate([edges, [len(steps)]])
+    return [(int(steps[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+
+
+def process_batch(procs, run: RawRun, start: int, stop: int, scalars) -> dict[str, np.ndarray]:
+    columns = {"event_id": run.event_id[start:stop], "timestamp": run.timestamp[start:stop]}
+    for name in scalars:
+        columns[name] = run.scalars[name][start:stop]
+    for det, proc in procs.items():
+        raw = run.read(det, start, stop)
+        parts: dict[str, list] = {}
+        for step, a, b in step_runs(run.steps(det)[start:stop]):
+            for key, value in proc.process(raw[a:b], step).items():
+                parts.setdefault(key, []).append(value)
+        for key, values in parts.items():
+            columns[f"{det}/{key}"] = np.concatenate(values)
+    return columns
+
+
+def provenance(config: Config, backend: Backend, raw_path) -> dict:
+    return {"gpusmd_version": __version__, "config": config.text, "config_file": config.source,
+            "backend": backend.name, "host": socket.gethostname(), "raw_file": str(raw_path),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+
+
+def write_run_items(writer: SmallDataWriter, procs, config, backend, run: RawRun):
+    for det, proc in procs.items():
+        for key, value in proc.user_data_cfg().items():
+            writer.write(f"UserDataCfg/{det}/{key}", value)
+        for key, value in proc.run_sums().items():
+            writer.write(f"Sums/{det}_{key}", value)
+            writer.set_attrs({"n_events": proc.sums.n_events}, f"Sums/{det}_{key}")
+    writer.set_attrs({**provenance(config, backend, run.path), "experiment": run.experiment,
+                      "run": run.run})
+
+
+def replay(raw_path, config: Config, out_path, backend: Backend | None = None,
+           batch_size: int | None = None, progress: bool = True,
+           max_events: int | None = None) -> ReplaySummary:
+    backend = backend or get_backend(config.backend)
+    batch = batch_size or config.batch_size
+    with RawRun(raw_path) as run:
+        procs = build_processors(config, run, backend)
+        scalars = passthrough_names(config, run)
+        n = run.n_events if max_events is None else min(max_events, run.n_events)
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        writer = SmallDataWriter(out_path, config.compression)
+        t0 = time.perf_counter()
+        try:
+            with tqdm(total=n, unit="ev", disable=not progress, desc=out_path.name) as bar:
+                for start in range(0, n, batch):
+                    stop = min(n, start + batch)
+                    writer.append(process_batch(procs, run, start, stop, scalars))
+                    bar.update(stop - start)
+            seconds = time.perf_counter() - t0
+            write_run_items(writer, procs, config, backend, run)
+            datasets = []
+            writer.f.visititems(lambda name, obj: datasets.append(name)
+                                if hasattr(obj, "shape") else None)
+        finally:
+            writer.close()
+    return ReplaySummary(out_path, n, seconds, backend.name, datasets)
