@@ -1,0 +1,30 @@
+"""Shared fixtures: small simulated raw runs (cached per session, treat them as read-only)."""
+import pytest
+
+from gpusmd.simulate import simulate_run
+
+
+@pytest.fixture(scope="session")
+def simulated(tmp_path_factory):
+    """simulated(detector, dark=False, n_events=20, seed=0, **kw) -> Path of a simulated raw
+    run, made once per session for each set of arguments. Copy it before modifying it."""
+    cache = {}
+    base = tmp_path_factory.mktemp("sim")
+
+    def make(detector="epix10kquad", dark=False, n_events=20, seed=0, **kw):
+        key = (detector, bool(dark), int(n_events), int(seed),
+               tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in cache:
+            name = f"{detector}_{'dark' if dark else 'data'}_{len(cache)}.h5"
+            cache[key] = simulate_run(base / name, detector, n_events=n_events, dark=dark,
+                                      seed=seed, **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def epix10k_pair(simulated):
+    """(dark, data) raw runs of one simulated epix10kquad (seed 0): 30 dark frames in each of
+    the 5 config steps (run 1), 20 data events (run 2)."""
+    return simulated("epix10kquad", dark=True, n_events=30), simulated("epix10kquad", n_events=20)
