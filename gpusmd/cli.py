@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="simulate a dark and a data run, reduce them, plot")
     s.add_argument("--outdir", default="demo_out")
-    s.add_argument("--detector", default="epix10k2M")
+    s.add_argument("--detector", default="epix10kquad")
     s.add_argument("--events", type=int, default=100)
     s.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     s.set_defaults(func=cmd_demo)
