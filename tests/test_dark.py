@@ -172,7 +172,7 @@ def test_bad_inputs(epix10k_pair, simulated, tmp_path):
     dark = simulated("epix100", dark=True, n_events=NFRAMES)
     with pytest.raises(RawFileError, match="no detector 'cspad'"):
         process_dark(dark, tmp_path / "c.h5", detectors=["cspad"])
-    with pytest.raises(RawFileError, match="no such raw file"):
+    with pytest.raises(RawFileError, match="raw file not found"):
         process_dark(tmp_path / "missing.h5", tmp_path / "c.h5")
     # a Jungfrau dark without its G2 frames
     jf = tmp_path / "jf.h5"

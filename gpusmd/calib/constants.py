@@ -14,6 +14,7 @@ import numpy as np
 
 from ..detectors import DetectorModel, get_detector
 from ..errors import ConstantsError
+from ..io.h5 import open_h5
 
 FORMAT = "gpusmd-constants"
 FIELDS = ("pedestal", "rms", "gain", "offset", "status", "mask")
@@ -71,13 +72,7 @@ class Constants:
     @classmethod
     def load(cls, path, det: str, model: DetectorModel | None = None) -> "Constants":
         path = Path(path)
-        if not path.exists():
-            raise ConstantsError(f"{path}: constants file not found (detector {det!r})")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as e:
-            raise ConstantsError(f"{path}: not an HDF5 constants file ({e})") from None
-        with f:
+        with open_h5(path, "constants file", ConstantsError) as f:
             if det not in f:
                 raise ConstantsError(f"{path}: no constants for detector {det!r} "
                                      f"(has: {', '.join(f) or 'nothing'})")

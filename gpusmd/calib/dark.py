@@ -41,11 +41,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..detectors import ADC_MASK, DetectorModel
 from ..errors import ConstantsError, RawFileError
+from ..io.h5 import open_h5
 from ..io.raw import RawRun
 from .constants import RUN_ANY, Constants
 
@@ -245,13 +245,7 @@ def dark_constants(run: RawRun, det: str, gain: np.ndarray | None = None, run_ma
 
 def _load_gain(gain_path, det: str, model: DetectorModel) -> np.ndarray:
     gain_path = Path(gain_path)
-    if not gain_path.exists():
-        raise ConstantsError(f"{gain_path}: gain file not found")
-    try:
-        f = h5py.File(gain_path, "r")
-    except OSError as e:
-        raise ConstantsError(f"{gain_path}: not an HDF5 gain file ({e})") from None
-    with f:
+    with open_h5(gain_path, "gain file", ConstantsError) as f:
         key = f"{det}/gain"
         if key not in f:
             raise ConstantsError(f"{gain_path}: no /{key} (detector {det!r})")

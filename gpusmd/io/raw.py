@@ -20,6 +20,7 @@ import numpy as np
 
 from ..detectors import DetectorModel, epix10k_control_bits, get_detector
 from ..errors import GpusmdError, RawFileError
+from .h5 import open_h5
 
 FORMAT = "gpusmd-raw"
 FORMAT_VERSION = 1
@@ -31,12 +32,7 @@ class RawRun:
 
     def __init__(self, path):
         self.path = Path(path)
-        if not self.path.exists():
-            raise RawFileError(f"{self.path}: no such raw file")
-        try:
-            self._h5 = h5py.File(self.path, "r")
-        except OSError as e:
-            raise RawFileError(f"{self.path}: not an HDF5 file ({e})") from None
+        self._h5 = open_h5(self.path, "raw file", RawFileError)
         try:
             self._load()
         except GpusmdError:
