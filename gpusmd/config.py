@@ -115,7 +115,7 @@ def check_sum_key(key, where: Where) -> str:
                       f"calib_thresADU<N>, calib_nhits<N>)")
 
 
-def parse_function(d, where: Where, index: int, kind_names: dict) -> FunctionConfig:
+def parse_function(d, where: Where, kind_names: dict) -> FunctionConfig:
     from .features import FEATURES      # late import: features import this module
     if not isinstance(d, dict):
         raise where.error("expected a mapping with at least 'kind'")
@@ -155,7 +155,7 @@ def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
     functions = d.get("functions") or []
     check_type(functions, (list,), where / "functions", "a list of functions")
     kind_names: dict = {}
-    funcs = [parse_function(f, where / "functions" / i, i, kind_names)
+    funcs = [parse_function(f, where / "functions" / i, kind_names)
              for i, f in enumerate(functions)]
     names = [f.name for f in funcs]
     dup = {n for n in names if names.count(n) > 1}

@@ -13,5 +13,9 @@ class RawFileError(GpusmdError):
     """A raw data file that does not match what it claims to hold."""
 
 
+class FrameError(GpusmdError):
+    """One event's data that does not match its detector (shape, dtype, truncation)."""
+
+
 class ConstantsError(GpusmdError):
     """A missing or inconsistent calibration constants file."""

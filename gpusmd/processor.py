@@ -12,7 +12,7 @@ from .calib.constants import RUN_ANY, Constants
 from .calib.masks import pixel_masks
 from .config import DetectorConfig
 from .detectors import DetectorModel
-from .errors import ConfigError, ConstantsError
+from .errors import ConstantsError, FrameError
 from .features import FEATURES
 from .features.sums import RunSums
 
@@ -51,7 +51,7 @@ class DetectorProcessor:
     def process(self, raw: np.ndarray, step: int = 0) -> dict[str, np.ndarray]:
         """Raw frames (B, *shape) of one config step -> {"<func>_<field>": (B, ...)}."""
         if raw.shape[1:] != self.model.shape:
-            raise ConfigError(f"{self.cfg.name}: frames of shape {raw.shape[1:]}, "
+            raise FrameError(f"{self.cfg.name}: frames of shape {raw.shape[1:]}, "
                               f"a {self.model.type} has {self.model.shape}")
         calib = self.calibrator(raw, step)
         self.sums.update(calib)
