@@ -87,6 +87,53 @@ class DetectorConfig:
     where: Where
 
 
+ADDRESS_KEYS = ("ingest_in", "ingest_work", "ingest_ack", "sink_in")
+
+
+@dataclass
+class ServicesConfig:
+    """Addresses and timing of the live services (DESIGN §2-3)."""
+    ingest_in: str = "tcp://127.0.0.1:5550"     # publishers -> ingest (ingest binds)
+    ingest_work: str = "tcp://127.0.0.1:5551"   # workers <-> ingest (ingest binds)
+    ingest_ack: str = "tcp://127.0.0.1:5553"    # sink -> ingest acknowledgements (ingest binds)
+    sink_in: str = "tcp://127.0.0.1:5552"       # workers, ingest -> sink (sink binds)
+    heartbeat_s: float = 1.0        # how often a worker says it is alive
+    worker_timeout_s: float = 5.0   # silence after which its batches go to another worker
+    credits: int = 2                # batches a worker may hold
+    max_pending_batches: int = 8    # batches the ingest holds before it stops reading
+    batch_timeout_s: float = 0.2    # a partial batch waits no longer than this
+    flush_s: float = 2.0            # the sink flushes the output at least this often
+    hwm: int = 64                   # high-water mark (messages) of every socket
+    log_every_s: float = 5.0
+    curve_keys: Path | None = None  # directory from `gpusmd keys`: CurveZMQ on every link
+
+
+def parse_services(d, where: Where, base_dir: Path) -> ServicesConfig:
+    defaults = ServicesConfig()
+    allowed = tuple(ServicesConfig.__dataclass_fields__)
+    check_keys(d, where, allowed)
+    values = {}
+    for key, value in d.items():
+        default = getattr(defaults, key)
+        if key in ADDRESS_KEYS:
+            check_type(value, (str,), where / key, "an address like tcp://host:port")
+            if not value.startswith(("tcp://", "ipc://", "inproc://")):
+                raise (where / key).error(f"{value!r} is not a tcp://, ipc:// or inproc:// address")
+        elif key == "curve_keys":
+            check_type(value, (str,), where / key, "a keys directory")
+            value = Path(value) if Path(value).is_absolute() else base_dir / value
+            if not value.is_dir():
+                raise (where / key).error(f"keys directory {value} not found "
+                                          f"(make one with `gpusmd keys`)")
+        else:
+            check_type(value, (int, float) if isinstance(default, float) else (int,),
+                       where / key, "a number")
+            if value <= 0:
+                raise (where / key).error("must be positive")
+        values[key] = value
+    return ServicesConfig(**values)
+
+
 @dataclass
 class Config:
     source: str
@@ -97,7 +144,7 @@ class Config:
     batch_size: int = 16
     compression: str = "gzip"
     passthrough: bool | list = True
-    extra: dict = field(default_factory=dict)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
 
 
 def check_sum_key(key, where: Where) -> str:
@@ -178,7 +225,8 @@ def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
 def parse_config(data, source: str = "<config>", base_dir: Path | None = None, text: str = "") -> Config:
     where = Where(source)
     base_dir = base_dir or Path.cwd()
-    allowed = ("experiment", "backend", "batch_size", "compression", "passthrough", "detectors")
+    allowed = ("experiment", "backend", "batch_size", "compression", "passthrough", "detectors",
+               "services")
     check_keys(data, where, allowed, required=("detectors",))
     dets = data["detectors"]
     check_keys(dets, where / "detectors", tuple(dets) if isinstance(dets, dict) else ())
@@ -198,7 +246,8 @@ def parse_config(data, source: str = "<config>", base_dir: Path | None = None, t
         backend=check_choice(data.get("backend", "auto"), BACKEND_CHOICES, where / "backend"),
         batch_size=batch,
         compression=check_choice(data.get("compression", "gzip"), COMPRESSIONS, where / "compression"),
-        passthrough=passthrough)
+        passthrough=passthrough,
+        services=parse_services(data.get("services") or {}, where / "services", base_dir))
 
 
 def load_config(path) -> Config:

@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .io.output import SmallDataWriter
 from .io.raw import RawRun
 from .processor import DetectorProcessor
+from .runinfo import RunInfo
 
 
 @dataclass
@@ -36,15 +37,15 @@ class ReplaySummary:
         return self.n_events / self.seconds if self.seconds > 0 else float("inf")
 
 
-def build_processors(config: Config, run: RawRun, backend: Backend) -> dict[str, DetectorProcessor]:
+def build_processors(config: Config, info: RunInfo, backend: Backend) -> dict[str, DetectorProcessor]:
     procs = {}
     for name, dcfg in config.detectors.items():
-        if name not in run.detectors:
-            raise (dcfg.where).error(f"detector {name!r} is not in {run.path} "
-                                     f"(it has: {', '.join(run.detectors) or 'none'})")
-        proc = DetectorProcessor(dcfg, run.detectors[name], backend, run.run)
-        for step in np.unique(run.steps(name)):
-            proc.set_control_bits(int(step), run.control_bits(name, int(step)))
+        if name not in info.detectors:
+            raise (dcfg.where).error(f"detector {name!r} is not in {info.source or 'the run'} "
+                                     f"(it has: {', '.join(info.detectors) or 'none'})")
+        proc = DetectorProcessor(dcfg, info.detectors[name], backend, info.run)
+        for step, control_bits in info.control_bits.get(name, {}).items():
+            proc.set_control_bits(step, control_bits)
         procs[name] = proc
     return procs
 
@@ -69,36 +70,45 @@ def step_runs(steps: np.ndarray):
     return [(int(steps[a]), int(a), int(b)) for a, b in zip(starts, stops)]
 
 
-def process_batch(procs, run: RawRun, start: int, stop: int, scalars) -> dict[str, np.ndarray]:
-    columns = {"event_id": run.event_id[start:stop], "timestamp": run.timestamp[start:stop]}
-    for name in scalars:
-        columns[name] = run.scalars[name][start:stop]
+def reduce_frames(procs, frames: dict, steps: dict) -> dict[str, np.ndarray]:
+    """One batch of every detector's raw frames (B, *shape) and config steps (B,) ->
+    the per-event columns "<det>/<func>_<field>"."""
+    columns = {}
     for det, proc in procs.items():
-        raw = run.read(det, start, stop)
         parts: dict[str, list] = {}
-        for step, a, b in step_runs(run.steps(det)[start:stop]):
-            for key, value in proc.process(raw[a:b], step).items():
+        for step, a, b in step_runs(steps[det]):
+            for key, value in proc.process(frames[det][a:b], step).items():
                 parts.setdefault(key, []).append(value)
         for key, values in parts.items():
             columns[f"{det}/{key}"] = np.concatenate(values)
     return columns
 
 
-def provenance(config: Config, backend: Backend, raw_path) -> dict:
+def process_batch(procs, run: RawRun, start: int, stop: int, scalars) -> dict[str, np.ndarray]:
+    columns = {"event_id": run.event_id[start:stop], "timestamp": run.timestamp[start:stop]}
+    for name in scalars:
+        columns[name] = run.scalars[name][start:stop]
+    frames = {det: run.read(det, start, stop) for det in procs}
+    steps = {det: run.steps(det)[start:stop] for det in procs}
+    return {**columns, **reduce_frames(procs, frames, steps)}
+
+
+def provenance(config: Config, backend: str, raw_path, experiment: str, run: int) -> dict:
     return {"gpusmd_version": __version__, "config": config.text, "config_file": config.source,
-            "backend": backend.name, "host": socket.gethostname(), "raw_file": str(raw_path),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+            "backend": backend, "host": socket.gethostname(), "raw_file": str(raw_path),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
+            "experiment": experiment, "run": run}
 
 
-def write_run_items(writer: SmallDataWriter, procs, config, backend, run: RawRun):
+def write_run_items(writer: SmallDataWriter, procs, attrs: dict):
+    """/UserDataCfg, /Sums and the provenance attributes, once per run."""
     for det, proc in procs.items():
         for key, value in proc.user_data_cfg().items():
             writer.write(f"UserDataCfg/{det}/{key}", value)
         for key, value in proc.run_sums().items():
             writer.write(f"Sums/{det}_{key}", value)
             writer.set_attrs({"n_events": proc.sums.n_events}, f"Sums/{det}_{key}")
-    writer.set_attrs({**provenance(config, backend, run.path), "experiment": run.experiment,
-                      "run": run.run})
+    writer.set_attrs(attrs)
 
 
 def replay(raw_path, config: Config, out_path, backend: Backend | None = None,
@@ -107,7 +117,7 @@ def replay(raw_path, config: Config, out_path, backend: Backend | None = None,
     backend = backend or get_backend(config.backend)
     batch = batch_size or config.batch_size
     with RawRun(raw_path) as run:
-        procs = build_processors(config, run, backend)
+        procs = build_processors(config, RunInfo.from_raw(run), backend)
         scalars = passthrough_names(config, run)
         n = run.n_events if max_events is None else min(max_events, run.n_events)
         out_path = Path(out_path)
@@ -121,7 +131,8 @@ def replay(raw_path, config: Config, out_path, backend: Backend | None = None,
                     writer.append(process_batch(procs, run, start, stop, scalars))
                     bar.update(stop - start)
             seconds = time.perf_counter() - t0
-            write_run_items(writer, procs, config, backend, run)
+            write_run_items(writer, procs, provenance(config, backend.name, run.path,
+                                                      run.experiment, run.run))
             datasets = []
             writer.f.visititems(lambda name, obj: datasets.append(name)
                                 if hasattr(obj, "shape") else None)

@@ -15,15 +15,34 @@ def _threshold(key: str, prefix: str) -> float:
 class RunSums:
     def __init__(self, keys, shape, backend):
         self.keys = list(keys)
+        self.shape = tuple(shape)
         self.backend = backend
-        xp = backend.xp
+        self.reset()
+
+    def reset(self):
+        xp = self.backend.xp
         self.n_events = 0
-        self.acc = {}
-        for key in self.keys:
+        self.acc = {key: xp.full(self.shape, -np.inf, dtype=xp.float32) if key == "calib_max"
+                    else xp.zeros(self.shape, dtype=xp.float64) for key in self.keys}
+
+    def take(self) -> dict[str, np.ndarray]:
+        """The partial sums so far (host arrays, full precision), then start from zero:
+        a service worker sends each batch's part with its results."""
+        part = {key: self.backend.to_host(acc) for key, acc in self.acc.items()}
+        self.reset()
+        return part
+
+    def merge(self, part: dict[str, np.ndarray], n_events: int):
+        """Add a part made by ``take`` (in batch order, this gives the same numbers as
+        accumulating the batches here)."""
+        xp = self.backend.xp
+        self.n_events += n_events
+        for key, acc in self.acc.items():
+            value = xp.asarray(part[key])
             if key == "calib_max":
-                self.acc[key] = xp.full(shape, -np.inf, dtype=xp.float32)
+                xp.maximum(acc, value, out=acc)
             else:
-                self.acc[key] = xp.zeros(shape, dtype=xp.float64)
+                acc += value
 
     def update(self, calib):
         """Add a batch (B, *shape) of calibrated frames."""

@@ -2,8 +2,12 @@
 
 Per-event datasets grow along the first axis, chunked along events and compressed;
 once-per-run items (/UserDataCfg, /Sums) are written at the end; provenance goes in
-the root attributes. The file uses the latest HDF5 format so it can be read in SWMR
-mode."""
+the root attributes. ``/errors/{event_id, stage, reason}`` records every event that
+could not be reduced (malformed input, a frame of the wrong shape, ...).
+
+With ``start_swmr`` the file is readable while it grows (h5py ``swmr=True``): the
+per-event and error datasets exist from the first batch on and only grow; the run
+items come at the end, after ``end_swmr`` reopens the file normally."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +15,9 @@ import h5py
 
 CHUNK_BYTES = 1 << 20       # aim for ~1 MiB chunks
 MAX_CHUNK_EVENTS = 4096
+REASON_LEN = 200            # error reasons are stored as fixed-length strings (SWMR-safe)
+ERROR_COLUMNS = {"errors/event_id": np.dtype(np.int64), "errors/stage": np.dtype("S16"),
+                 "errors/reason": np.dtype(f"S{REASON_LEN}")}
 
 
 def compression_args(name: str) -> dict:
@@ -40,6 +47,32 @@ class SmallDataWriter:
         self.f = h5py.File(path, "w", libver="latest")
         self.compression = compression_args(compression)
         self.n_events = 0
+        self.n_errors = 0
+        for name, dtype in ERROR_COLUMNS.items():
+            self.f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+
+    def add_errors(self, records):
+        """Record events that could not be reduced: (event_id, stage, reason) each."""
+        if not records:
+            return
+        n = len(records)
+        columns = zip(*records)
+        for (name, dtype), values in zip(ERROR_COLUMNS.items(), columns):
+            ds = self.f[name]
+            ds.resize(self.n_errors + n, axis=0)
+            if dtype.kind == "S":
+                values = [str(v).encode()[:dtype.itemsize] for v in values]
+            ds[self.n_errors:] = np.array(values, dtype=dtype)
+        self.n_errors += n
+
+    def start_swmr(self):
+        """From now on readers may open the file with swmr=True; no new datasets."""
+        self.f.swmr_mode = True
+
+    def end_swmr(self):
+        """Close and reopen normally, so that the run items can be added."""
+        self.f.close()
+        self.f = h5py.File(self.path, "r+")
 
     def append(self, columns: dict[str, np.ndarray]):
         """Append one batch: every per-event dataset gets the same number of rows."""
