@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .backend import BACKEND_CHOICES
@@ -28,18 +29,84 @@ def cmd_dark(args):
 def cmd_replay(args):
     from .backend import get_backend
     from .config import load_config
-    from .replay import replay
     config = load_config(args.config)
-    backend = get_backend(args.backend or config.backend)
-    summary = replay(args.raw, config, args.output, backend, batch_size=args.batch_size,
-                     progress=not args.quiet, max_events=args.max_events)
+    if args.via_services:
+        from .services.run import replay_via_services
+        summary = replay_via_services(args.raw, args.config, args.output, args.workers,
+                                      args.backend or config.backend, max_events=args.max_events)
+    else:
+        from .replay import replay
+        backend = get_backend(args.backend or config.backend)
+        summary = replay(args.raw, config, args.output, backend, batch_size=args.batch_size,
+                         progress=not args.quiet, max_events=args.max_events)
     print(f"{summary.n_events} events in {summary.seconds:.2f} s "
           f"({summary.events_per_s:.1f} events/s, backend {summary.backend}) -> {summary.output}")
+
+
+def service_config(args):
+    """The config with the addresses given on the command line."""
+    from .config import ADDRESS_KEYS, load_config
+    from .services.common import setup_logging
+    setup_logging()
+    config = load_config(args.config)
+    for key in ADDRESS_KEYS:
+        value = getattr(args, key)
+        if value:
+            setattr(config.services, key, value)
+    return config
+
+
+def cmd_ingest(args):
+    from .services.ingest import Ingest
+    Ingest(service_config(args), once=args.once, metrics_port=args.metrics_port).run()
+
+
+def cmd_worker(args):
+    from .backend import get_backend
+    from .services.worker import Worker
+    config = service_config(args)
+    Worker(config, get_backend(args.backend or config.backend), name=args.name,
+           once=args.once, metrics_port=args.metrics_port).run()
+
+
+def cmd_sink(args):
+    from .services.sink import Sink
+    Sink(service_config(args), output=args.output, once=args.once,
+         metrics_port=args.metrics_port, progress=not args.no_progress,
+         delay_s=args.delay_ms / 1000).run()
+
+
+def cmd_publish(args):
+    from .services.publish import publish
+    n = publish(args.raw, service_config(args), rate=args.rate, max_events=args.max_events)
+    print(f"published {n} events")
+
+
+def cmd_up(args):
+    from .services.run import serve_locally
+    serve_locally(args.config, args.output, args.workers, args.backend)
+
+
+def cmd_keys(args):
+    from .services.common import make_keys
+    d = make_keys(args.directory)
+    print(f"wrote CurveZMQ keys to {d}: set `services: {{curve_keys: {d}}}` in the config "
+          f"and copy the folder to every host of the chain")
 
 
 def cmd_demo(args):
     from .demo import run_demo
     run_demo(args.outdir, detector=args.detector, n_events=args.events, backend=args.backend)
+
+
+def add_service_args(s):
+    from .config import ADDRESS_KEYS
+    s.add_argument("--config", required=True)
+    for key in ADDRESS_KEYS:
+        s.add_argument(f"--{key.replace('_', '-')}", dest=key, help="address (overrides the config)")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (0: any free port)")
+    s.add_argument("--once", action="store_true", help="exit after one run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +142,44 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--max-events", type=int, default=None)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--via-services", action="store_true",
+                   help="through ingest, workers and sink processes on this host")
+    s.add_argument("--workers", type=int, default=2, help="workers, with --via-services")
     s.set_defaults(func=cmd_replay)
+
+    for name, func, text in [("ingest", cmd_ingest, "the ingest node"),
+                             ("worker", cmd_worker, "a worker"),
+                             ("sink", cmd_sink, "the sink, writing the output file")]:
+        s = sub.add_parser(name, help=f"run {text}")
+        add_service_args(s)
+        s.set_defaults(func=func)
+        if name == "worker":
+            s.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
+            s.add_argument("--name", help="worker name (default host-pid)")
+        if name == "sink":
+            s.add_argument("-o", "--output", default="{experiment}_Run{run:04d}.h5",
+                           help="output file; {run} and {experiment} are filled in")
+            s.add_argument("--no-progress", action="store_true")
+            s.add_argument("--delay-ms", type=float, default=0.0,
+                           help="sleep this long per result (to test backpressure)")
+
+    s = sub.add_parser("publish", help="send a raw run to the ingest node")
+    s.add_argument("raw")
+    add_service_args(s)
+    s.add_argument("--rate", type=float, default=0.0, help="events/s (0: as fast as possible)")
+    s.add_argument("--max-events", type=int, default=None)
+    s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("up", help="start ingest, workers and sink on this host")
+    s.add_argument("--config", required=True)
+    s.add_argument("-o", "--output", default="{experiment}_Run{run:04d}.h5")
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("keys", help="generate CurveZMQ keys for the links between services")
+    s.add_argument("directory")
+    s.set_defaults(func=cmd_keys)
 
     s = sub.add_parser("demo", help="simulate a dark and a data run, reduce them, plot")
     s.add_argument("--outdir", default="demo_out")
@@ -88,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (docker stop, the local launcher) unwinds like Ctrl-C: sockets and files close
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         args.func(args)
     except GpusmdError as e:

@@ -1,13 +1,14 @@
 """CurveZMQ links: accepted with the right keys, refused (nothing arrives) otherwise."""
 import os
 import stat
+import time
 
 import pytest
 import zmq
 
 from gpusmd.errors import ConfigError
-from gpusmd.services.security import (CurveKeys, generate_keys, secure_client, secure_server,
-                                      stop_authenticators)
+from gpusmd.services.security import (CurveKeys, generate_keys, handshake_events, secure_client,
+                                      secure_server, stop_authenticators, watch_handshakes)
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without CURVE")
 
@@ -33,24 +34,33 @@ def keys(tmp_path):
 
 
 def _link(ctx, server_keys, client_keys=None, message=b"hello", wait_ms=REFUSED_WAIT_MS):
-    """PULL server (CURVE) <- PUSH client; the message received, or None after wait_ms."""
+    """PULL server (CURVE) <- PUSH client: (message received or None after wait_ms,
+    the server's handshake events, the client's)."""
     pull = ctx.socket(zmq.PULL)
     pull.linger = 0
     secure_server(pull, server_keys)
+    server_mon = watch_handshakes(pull)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     push = ctx.socket(zmq.PUSH)
     push.linger = 0
     if client_keys is not None:
         secure_client(push, client_keys)
+    client_mon = watch_handshakes(push)
     push.connect(f"tcp://127.0.0.1:{port}")
     push.send(message, zmq.NOBLOCK)       # queued on the connecting side until the handshake
     try:
-        if pull.poll(wait_ms, zmq.POLLIN):
-            return pull.recv(zmq.NOBLOCK)
-        return None
+        got = pull.recv(zmq.NOBLOCK) if pull.poll(wait_ms, zmq.POLLIN) else None
+        time.sleep(0.05)                  # let the last monitor events arrive
+        return got, handshake_events(server_mon), handshake_events(client_mon)
     finally:
-        push.close(linger=0)
-        pull.close(linger=0)
+        for sock, mon in ((push, client_mon), (pull, server_mon)):
+            sock.disable_monitor()
+            mon.close(linger=0)
+            sock.close(linger=0)
+
+
+def _refused(events, text):
+    return any(not ok and text in msg for ok, msg in events) and not any(ok for ok, _ in events)
 
 
 def test_generate_keys_files(keys):
@@ -66,7 +76,9 @@ def test_right_keys_pass(ctx, keys):
     made, authorized = keys
     server = CurveKeys(made["server"][1], authorized_dir=authorized)
     client = CurveKeys(made["client"][1], server_public_file=made["server"][0])
-    assert _link(ctx, server, client, b"event 1", wait_ms=5000) == b"event 1"
+    got, server_ev, client_ev = _link(ctx, server, client, b"event 1", wait_ms=5000)
+    assert got == b"event 1"
+    assert [ok for ok, _ in server_ev] == [True] and [ok for ok, _ in client_ev] == [True]
 
 
 def test_right_keys_pass_without_authenticator(ctx, keys):
@@ -74,27 +86,34 @@ def test_right_keys_pass_without_authenticator(ctx, keys):
     made, _ = keys
     server = CurveKeys(made["server"][1])
     client = CurveKeys(made["other"][1], server_public_file=made["server"][0])
-    assert _link(ctx, server, client, wait_ms=5000) == b"hello"
+    assert _link(ctx, server, client, wait_ms=5000)[0] == b"hello"
 
 
 def test_wrong_server_key_refused(ctx, keys):
     made, authorized = keys
     server = CurveKeys(made["server"][1], authorized_dir=authorized)
     client = CurveKeys(made["client"][1], server_public_file=made["other"][0])
-    assert _link(ctx, server, client) is None
+    got, server_ev, client_ev = _link(ctx, server, client)
+    assert got is None
+    assert _refused(server_ev, "ZMTP_CRYPTOGRAPHIC")
+    assert _refused(client_ev, "no detail")
 
 
 def test_unauthorized_client_refused(ctx, keys):
     made, authorized = keys
     server = CurveKeys(made["server"][1], authorized_dir=authorized)
     client = CurveKeys(made["other"][1], server_public_file=made["server"][0])
-    assert _link(ctx, server, client) is None
+    got, server_ev, client_ev = _link(ctx, server, client)
+    assert got is None
+    assert _refused(server_ev, "not authorized") and _refused(client_ev, "ZAP status 400")
 
 
 def test_plain_client_refused(ctx, keys):
     made, authorized = keys
     server = CurveKeys(made["server"][1], authorized_dir=authorized)
-    assert _link(ctx, server, None) is None
+    got, server_ev, client_ev = _link(ctx, server, None)
+    assert got is None
+    assert _refused(server_ev, "MECHANISM_MISMATCH") and _refused(client_ev, "MECHANISM_MISMATCH")
 
 
 def test_authenticator_once_per_context(ctx, keys, tmp_path):
@@ -107,9 +126,10 @@ def test_authenticator_once_per_context(ctx, keys, tmp_path):
     s2 = CurveKeys(made["server"][1], authorized_dir=other_dir)
     client = CurveKeys(made["client"][1], server_public_file=made["server"][0])
     other = CurveKeys(made["other"][1], server_public_file=made["server"][0])
-    assert _link(ctx, s1, client, wait_ms=5000) == b"hello"
-    assert _link(ctx, s2, other, wait_ms=5000) == b"hello"
-    assert _link(ctx, s2, client, wait_ms=500) is None
+    assert _link(ctx, s1, client, wait_ms=5000)[0] == b"hello"
+    assert _link(ctx, s2, other, wait_ms=5000)[0] == b"hello"
+    got, server_ev, _ = _link(ctx, s2, client, wait_ms=500)
+    assert got is None and _refused(server_ev, "not authorized")
     from gpusmd.services import security
     assert len([c for c in security._authenticators if c is ctx]) == 1
 

@@ -120,7 +120,13 @@ def _check_descriptor(d, event):
     return name, dtype, shape
 
 
+def pack(header: dict, descriptors: list, frames: list) -> list:
+    """A message from a header and already-received frames (with their descriptors
+    [name, dtype, shape]), so that the frames travel on without copies."""
+    head = {"v": VERSION, **header, "arrays": descriptors}
+    return [msgpack.packb(head, use_bin_type=True), *frames]
+
+
 def forward(message: Message, **changes) -> list:
     """The frames of a received message with header fields changed; arrays not copied."""
-    head = {**message.header, **changes}
-    return [msgpack.packb(head, use_bin_type=True), *message.frames[1:]]
+    return pack({**message.header, **changes}, message.header["arrays"], message.frames[1:])

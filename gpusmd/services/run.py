@@ -1,0 +1,53 @@
+"""The chain on one host, for one command: ``gpusmd up`` and ``replay --via-services``."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import GpusmdError
+from ..io.raw import RawRun
+from ..replay import ReplaySummary
+from .local import LocalServices
+from .publish import publish
+
+log = logging.getLogger("gpusmd.up")
+
+
+def replay_via_services(raw_path, config_path, output, n_workers: int = 2, backend: str = "auto",
+                        max_events: int | None = None, timeout: float = 3600.0,
+                        log_dir=None) -> ReplaySummary:
+    """publish -> ingest -> N workers -> sink, each a process on loopback; waits for the
+    sink to close the file."""
+    config = load_config(config_path)
+    with RawRun(raw_path):          # refuse a bad raw file before starting anything
+        pass
+    output = Path(output)
+    t0 = time.perf_counter()
+    with LocalServices(config_path, output, n_workers, backend, log_dir=log_dir) as chain:
+        config.services.__dict__.update(chain.addresses)
+        n = publish(raw_path, config, max_events=max_events)
+        status = chain.wait_sink(timeout)
+    if status != 0:
+        raise GpusmdError(f"the sink exited with status {status}; {output} may be incomplete")
+    seconds = time.perf_counter() - t0
+    return ReplaySummary(output, n, seconds, f"services x{n_workers} ({backend})")
+
+
+def serve_locally(config_path, output, n_workers: int, backend: str):
+    """Run the chain until interrupted; sources send to the configured ingest address."""
+    config = load_config(config_path)
+    addresses = {k: getattr(config.services, k) for k in ("ingest_in", "ingest_work",
+                                                          "ingest_ack", "sink_in")}
+    chain = LocalServices(config_path, output, n_workers, backend, once=False,
+                          addresses=addresses, quiet=False).start()
+    print(f"gpusmd up: ingest at {addresses['ingest_in']}, {n_workers} workers, sink -> {output}"
+          f" (Ctrl-C to stop)")
+    try:
+        while all(p.poll() is None for p in chain.processes):
+            time.sleep(0.5)
+        raise GpusmdError("a service exited: " + ", ".join(
+            f"pid {p.pid} status {p.returncode}" for p in chain.processes if p.poll() is not None))
+    finally:
+        chain.stop()
