@@ -66,7 +66,7 @@ def cmd_worker(args):
     from .services.worker import Worker
     config = service_config(args)
     Worker(config, get_backend(args.backend or config.backend), name=args.name,
-           once=args.once, metrics_port=args.metrics_port).run()
+           once=args.once, metrics_port=args.metrics_port, delay_s=args.delay_ms / 1000).run()
 
 
 def cmd_sink(args):
@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "worker":
             s.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
             s.add_argument("--name", help="worker name (default host-pid)")
+            s.add_argument("--delay-ms", type=float, default=0.0,
+                           help="sleep this long per batch (to test re-sends)")
         if name == "sink":
             s.add_argument("-o", "--output", default="{experiment}_Run{run:04d}.h5",
                            help="output file; {run} and {experiment} are filled in")

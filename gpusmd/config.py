@@ -100,7 +100,8 @@ class ServicesConfig:
     heartbeat_s: float = 1.0        # how often a worker says it is alive
     worker_timeout_s: float = 5.0   # silence after which its batches go to another worker
     credits: int = 2                # batches a worker may hold
-    max_pending_batches: int = 8    # batches the ingest holds before it stops reading
+    max_pending_batches: int = 8    # batches waiting for a worker before the ingest stops reading
+    max_in_flight_batches: int = 16  # batches sent to workers and not yet acknowledged by the sink
     batch_timeout_s: float = 0.2    # a partial batch waits no longer than this
     flush_s: float = 2.0            # the sink flushes the output at least this often
     hwm: int = 64                   # high-water mark (messages) of every socket

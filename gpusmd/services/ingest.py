@@ -3,9 +3,10 @@ work, and keeps every batch until the sink has acknowledged it (DESIGN §2-3).
 
 Delivery: a worker that stops sending heartbeats for ``worker_timeout_s`` is dropped
 and its unacknowledged batches go to another worker; the sink writes each event once.
-Backpressure: the ingest stops reading its source while ``max_pending_batches`` batches
-wait for a worker, so a slow chain slows the source (its sends block) and the memory
-held here stays bounded. Malformed events are recorded (event id, reason), sent to the
+Backpressure: at most ``max_in_flight_batches`` batches are out with workers and not yet
+acknowledged, and the ingest stops reading its source while ``max_pending_batches``
+batches wait, so a slow chain slows the source (its sends block) and the memory held
+here stays below (max_pending + max_in_flight + 1) batches. Malformed events are recorded (event id, reason), sent to the
 sink's error log and skipped."""
 from __future__ import annotations
 
@@ -209,7 +210,8 @@ class Ingest:
             w.credit += int(msg.header.get("credit", 1))
 
     def dispatch(self):
-        while self.pending and self.info is not None:
+        while (self.pending and self.info is not None
+               and len(self.in_flight) < self.cfg.max_in_flight_batches):
             ready = [w for w in self.workers.values() if w.credit > 0]
             if not ready:
                 return

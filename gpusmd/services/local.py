@@ -33,8 +33,9 @@ class LocalServices:
     """The processes of one chain; ``addresses`` default to free loopback ports."""
 
     def __init__(self, config_path, output, n_workers: int = 2, backend: str = "cpu",
-                 once: bool = True, addresses: dict | None = None, sink_args=(), quiet=True,
-                 log_dir: Path | None = None):
+                 once: bool = True, addresses: dict | None = None, sink_args=(), ingest_args=(),
+                 worker_args=(),
+                 quiet=True, log_dir: Path | None = None):
         self.config_path = str(config_path)
         self.addresses = addresses or loopback_addresses()
         self.output = str(output)
@@ -42,6 +43,8 @@ class LocalServices:
         self.backend = backend
         self.once = once
         self.sink_args = list(sink_args)
+        self.ingest_args = list(ingest_args)
+        self.worker_args = list(worker_args)
         self.quiet = quiet
         self.log_dir = Path(log_dir) if log_dir else None
         self.ingest = self.sink = None
@@ -62,9 +65,9 @@ class LocalServices:
     def start(self) -> "LocalServices":
         self.sink = self._start("sink", "sink", "-o", self.output, "--no-progress",
                                 *self.sink_args)
-        self.ingest = self._start("ingest", "ingest")
+        self.ingest = self._start("ingest", "ingest", *self.ingest_args)
         self.workers = [self._start(f"worker{i}", "worker", "--backend", self.backend,
-                                    "--name", f"worker{i}")
+                                    "--name", f"worker{i}", *self.worker_args)
                         for i in range(self.n_workers)]
         return self
 

@@ -32,13 +32,14 @@ def default_name() -> str:
 
 class Worker:
     def __init__(self, config: Config, backend: Backend, name: str | None = None,
-                 once: bool = False, metrics_port: int | None = None,
+                 once: bool = False, metrics_port: int | None = None, delay_s: float = 0.0,
                  ctx: zmq.Context | None = None):
         self.config = config
         self.cfg = config.services
         self.backend = backend
         self.name = name or default_name()
         self.once = once
+        self.delay_s = delay_s                  # a deliberately slow worker, for tests
         self.ctx = ctx or zmq.Context.instance()
         self.work = open_socket(self.ctx, zmq.DEALER, self.cfg.ingest_work, False, self.cfg,
                                 identity=self.name.encode())
@@ -148,6 +149,7 @@ class Worker:
                     except GpusmdError as e:
                         log.error("cannot process run %s: %s", msg.header.get("run"), e)
                 elif msg.kind == "batch":
+                    time.sleep(self.delay_s)
                     self.on_batch(msg)
                     self.send_ready(1)
                 elif msg.kind == "end":
