@@ -94,11 +94,15 @@ def test_worker_killed_mid_run(setup):
     out = setup / "killed_worker.h5"
 
     def kill_one(chain):
-        time.sleep(1.5)
+        deadline = time.monotonic() + 30
+        while "processors for" not in (setup / f"logs_{out.stem}" / "worker0.log").read_text():
+            assert time.monotonic() < deadline, "worker0 never got to work"
+            time.sleep(0.1)
+        time.sleep(0.5)
         chain.workers[0].send_signal(signal.SIGKILL)
 
-    # slow workers (0.3 s a batch of 4, events at 20/s) always hold a batch when one dies
-    chain, status = run_chain(setup, out, rate=20, during=kill_one,
+    # slow workers (0.3 s a batch of 4, events at 12/s) always hold a batch when one dies
+    chain, status = run_chain(setup, out, rate=12, during=kill_one,
                               worker_args=["--delay-ms", "300"])
     assert status == 0
     assert chain.workers[0].returncode == -signal.SIGKILL
