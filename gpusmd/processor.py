@@ -35,8 +35,8 @@ class DetectorProcessor:
         else:
             self.constants = Constants.default(model)    # cameras: raw values, no pedestal
         self.masks = pixel_masks(model, self.constants, cfg.mask_options)
-        self.calibrator = Calibrator(model, self.constants, self.masks[cfg.mask], backend,
-                                     cfg.gain_convention)
+        self._calibrator = None          # built at the first batch: a sink never needs it
+        self._control_bits = {}
         self.features = [FEATURES[f.kind](f.name, f.params, model, self.masks, backend, f.where)
                          for f in cfg.functions]
         self.sums = RunSums(cfg.sums, model.shape, backend)
@@ -45,8 +45,19 @@ class DetectorProcessor:
     def units(self) -> str:
         return "ADU" if self.cfg.gain_convention != "divide" else self.model.units
 
+    @property
+    def calibrator(self) -> Calibrator:
+        if self._calibrator is None:
+            self._calibrator = Calibrator(self.model, self.constants, self.masks[self.cfg.mask],
+                                          self.backend, self.cfg.gain_convention)
+            for step, control_bits in self._control_bits.items():
+                self._calibrator.set_control_bits(step, control_bits)
+        return self._calibrator
+
     def set_control_bits(self, step: int, control_bits):
-        self.calibrator.set_control_bits(step, control_bits)
+        self._control_bits[step] = control_bits
+        if self._calibrator is not None:
+            self._calibrator.set_control_bits(step, control_bits)
 
     def process(self, raw: np.ndarray, step: int = 0) -> dict[str, np.ndarray]:
         """Raw frames (B, *shape) of one config step -> {"<func>_<field>": (B, ...)}."""

@@ -60,6 +60,43 @@ def calibrate_reference(raw, control_bits, lut, model: DetectorModel, xp=np):
     return xp.where(valid, out, xp.float32(0)).astype(xp.float32)
 
 
+def switch_states(model: DetectorModel) -> int:
+    """How many states the raw gain-switch bits of one pixel can take: Jungfrau 4 (bits
+    15-14), epix10k 2 (bit 14, the rest is per-pixel configuration), others 1."""
+    return {FAMILY_JUNGFRAU: 4, FAMILY_EPIX10K: 2}.get(family_code(model), 1)
+
+
+def switch_tables(lut: np.ndarray, control_bits, model: DetectorModel):
+    """The look-up table unrolled by switch state: (pedestal, scale) per state per pixel,
+    (0, 0) where the state decodes to an invalid gain. With them the CPU pass needs no
+    per-pixel gather: one select on the raw switch bits (the gain decoding of a pixel
+    depends only on its configuration and these bits)."""
+    nstate, npix = switch_states(model), lut.shape[1]
+    ped = np.zeros((nstate, npix), np.float32)
+    scale = np.zeros((nstate, npix), np.float32)
+    pix = np.arange(npix)
+    for s in range(nstate):
+        g = model.gain_index(np.full(npix, s << 14, np.uint16), control_bits).astype(np.intp)
+        valid = g >= 0
+        ped[s, valid] = lut[g[valid], pix[valid], 0]
+        scale[s, valid] = lut[g[valid], pix[valid], 1]
+    return ped, scale
+
+
+def calibrate_switch(raw, ped, scale, model: DetectorModel, xp=np):
+    """The CPU pass: same numbers as calibrate_reference, from switch_tables."""
+    adc = model.adc(raw, xp)
+    nstate = ped.shape[0]
+    if nstate == 1:
+        return (adc - ped[0]) * scale[0]
+    state = (raw >> 14) & (nstate - 1)
+    p, s = ped[0], scale[0]
+    for k in range(1, nstate):          # a chain of selects: far faster than np.choose
+        hit = state == k
+        p, s = xp.where(hit, ped[k], p), xp.where(hit, scale[k], s)
+    return (adc - p) * s
+
+
 class Calibrator:
     """Calibrates batches of one detector's raw frames on the chosen backend.
 
@@ -73,6 +110,7 @@ class Calibrator:
         self.family = family_code(model)
         self.lut = backend.asarray(build_lut(constants, pixel_mask, convention))
         self._control_bits = {}
+        self._tables = {}           # step -> switch tables, for the CPU pass
 
     def set_control_bits(self, step: int, control_bits: np.ndarray | None):
         """epix10k: the per-pixel control bits of a config step."""
@@ -91,5 +129,7 @@ class Calibrator:
             from ..cuda import calibrate_gpu
             out = calibrate_gpu(flat, cb, self.lut, self.family)
         else:
-            out = calibrate_reference(flat, cb, self.lut, self.model, xp)
+            if step not in self._tables:
+                self._tables[step] = switch_tables(self.lut, cb, self.model)
+            out = calibrate_switch(flat, *self._tables[step], self.model)
         return out.reshape(raw.shape)

@@ -91,7 +91,7 @@ class Constants:
                 if g[name].shape != expected:
                     raise ConstantsError(f"{path}: /{det}/{name} has shape {g[name].shape}, "
                                          f"expected {expected}")
-                arrays[name] = g[name][()].astype(np.float32)
+                arrays[name] = np.asarray(g[name][()], np.float32)
             extra = {k: v for k, v in g.attrs.items()
                      if k not in ("type", "run_min", "run_max", "source")}
             return cls(model, **arrays, run_min=int(g.attrs.get("run_min", 0)),

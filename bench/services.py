@@ -1,0 +1,114 @@
+"""Service throughput against the in-process replay of the same run (CPU backend).
+
+    python bench/services.py [--detectors epix10kquad jungfrau1M] [--events 200] [--repeat 2]
+
+For each detector (frames of 1 MB and more): the in-process replay, then the chain
+publish -> ingest -> N workers -> sink on loopback, timed from the first event sent to
+the closed file (the processes are started and joined before the clock starts). The
+ratio is events/s through the services over events/s in process; the best of --repeat
+runs of each is kept (these machines are shared and noisy)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import prepare_run, print_table, write_results  # noqa: E402
+
+from gpusmd.backend import get_backend  # noqa: E402
+from gpusmd.config import load_config  # noqa: E402
+from gpusmd.replay import replay  # noqa: E402
+from gpusmd.services.local import LocalServices, free_port  # noqa: E402
+from gpusmd.services.publish import publish  # noqa: E402
+
+FUNCTIONS = """\
+- {kind: roi, name: ROI_0, bounds: %s, thresADU: [3.0, null]}
+- {kind: roi, name: ROI_1, bounds: %s}
+"""
+
+
+def roi_bounds(model):
+    nseg, rows, cols = model.seg_shape
+    seg = [[0, 1]] if model.segmented else []
+    return (seg + [[0, rows // 2], [0, cols // 2]], seg + [[rows // 4, rows], [cols // 4, cols]])
+
+
+def workers_joined(port: int, n: int, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
+            for line in text.decode().splitlines():
+                if line.startswith("gpusmd_ingest_workers ") and float(line.split()[1]) >= n:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("workers did not join")
+
+
+def time_services(workdir: Path, raw: Path, n_workers: int, out: Path) -> float:
+    port = free_port()
+    with LocalServices(workdir / "run.yaml", out, n_workers, "cpu",
+                       ingest_args=["--metrics-port", str(port)]) as chain:
+        workers_joined(port, n_workers)
+        cfg = load_config(workdir / "run.yaml")
+        cfg.services.__dict__.update(chain.addresses)
+        t0 = time.perf_counter()
+        sender = threading.Thread(target=publish, args=(raw, cfg))
+        sender.start()
+        if chain.wait_sink(600) != 0:
+            raise RuntimeError("sink failed")
+        seconds = time.perf_counter() - t0
+        sender.join()
+    return seconds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--detectors", nargs="+", default=["epix10kquad", "jungfrau1M"])
+    p.add_argument("--events", type=int, default=200)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--workdir", type=Path, default=None)
+    args = p.parse_args()
+    from gpusmd.detectors import get_detector
+    base = args.workdir or Path(tempfile.mkdtemp(prefix="gpusmd-bench-"))
+    columns = ["detector", "frame MB", "mode", "events/s", "vs in-process"]
+    rows = []
+    for det in args.detectors:
+        model = get_detector(det)
+        workdir = base / det
+        raw = prepare_run(workdir, det, args.events, FUNCTIONS % roi_bounds(model),
+                          sums="[calib, calib_max]")
+        config = load_config(workdir / "run.yaml")
+        best = min(_timed(lambda: replay(raw, config, workdir / "inproc.h5", get_backend("cpu"),
+                                         progress=False)) for _ in range(args.repeat))
+        ref = args.events / best
+        mb = model.raw_nbytes / 1e6
+        rows.append([det, f"{mb:.2f}", "in-process", f"{ref:.1f}", "1.00"])
+        for n in args.workers:
+            t = min(time_services(workdir, raw, n, workdir / f"svc{n}.h5") for _ in range(args.repeat))
+            rows.append([det, f"{mb:.2f}", f"services, {n} worker(s)", f"{args.events / t:.1f}",
+                         f"{(args.events / t) / ref:.2f}"])
+        print_table(columns, rows)
+    md = write_results("services-cpu", "Service throughput vs in-process replay (CPU backend)",
+                       columns, rows, notes=f"`python bench/services.py --events {args.events}`; "
+                       f"best of {args.repeat}; the services are timed from the first event sent "
+                       "to the closed file, the in-process replay from its call to its return.")
+    print(f"wrote {md}")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
