@@ -17,7 +17,6 @@ from .calib.calibrate import GAIN_CONVENTIONS
 from .calib.masks import DEFAULT_MASK_OPTIONS, MASK_CHOICES
 from .errors import ConfigError
 
-COMMON_MODES = (0,)          # codes accepted so far; 0 = no common-mode correction
 COMPRESSIONS = ("gzip", "lz4", "none")
 SUM_KEYS = ("calib", "calib_square", "calib_max")
 SUM_PREFIXES = ("calib_thresADU", "calib_nhits")
@@ -148,6 +147,23 @@ class Config:
     services: ServicesConfig = field(default_factory=ServicesConfig)
 
 
+def check_common_mode(value, type_name: str, where: Where):
+    """A code or a [mode, ...] list; checked against the detector when its type is known
+    here (else when the detector is built, still before any work)."""
+    from .calib.common_mode import all_codes, resolve
+    from .detectors import DETECTORS
+    check_type(value, (int, list), where, "a common-mode code or a cmpars list [mode, ...]")
+    if isinstance(value, int) and value not in all_codes():
+        raise where.error(f"unknown common-mode code {value} "
+                          f"(known: {', '.join(map(str, sorted(all_codes())))})")
+    family = DETECTORS[type_name].family if type_name in DETECTORS else None
+    try:
+        resolve(family, value) if family else resolve(None, value, check_family=False)
+    except ValueError as e:
+        raise where.error(str(e)) from None
+    return value
+
+
 def check_sum_key(key, where: Where) -> str:
     check_type(key, (str,), where, "a sum name")
     if key in SUM_KEYS:
@@ -189,10 +205,7 @@ def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
         calib = Path(calib) if Path(calib).is_absolute() else base_dir / calib
         if not calib.exists():
             raise (where / "calib").error(f"constants file {calib} not found")
-    cm = check_type(d.get("common_mode", 0), (int,), where / "common_mode", "an integer code")
-    if cm not in COMMON_MODES:
-        raise (where / "common_mode").error(
-            f"common-mode code {cm} is not supported (known: {', '.join(map(str, COMMON_MODES))})")
+    cm = check_common_mode(d.get("common_mode", 0), d.get("type") or name, where / "common_mode")
     mask_options = dict(d.get("mask_options") or {})
     check_keys(mask_options, where / "mask_options", tuple(DEFAULT_MASK_OPTIONS))
     for key, value in mask_options.items():

@@ -8,6 +8,7 @@ import numpy as np
 
 from .backend import Backend
 from .calib.calibrate import Calibrator
+from .calib.common_mode import CM_GAIN_RANGES, CommonMode, resolve
 from .calib.constants import RUN_ANY, Constants
 from .calib.masks import pixel_masks
 from .config import DetectorConfig
@@ -34,9 +35,14 @@ class DetectorProcessor:
                                               f"(make them with `gpusmd dark`)")
         else:
             self.constants = Constants.default(model)    # cameras: raw values, no pedestal
+        try:
+            self.cmpars = resolve(model.family, cfg.common_mode)
+        except ValueError as e:
+            raise (cfg.where / "common_mode").error(str(e)) from None
         self.masks = pixel_masks(model, self.constants, cfg.mask_options)
         self._calibrator = None          # built at the first batch: a sink never needs it
         self._control_bits = {}
+        self._common_mode = None
         self.features = [FEATURES[f.kind](f.name, f.params, model, self.masks, backend, f.where)
                          for f in cfg.functions]
         self.sums = RunSums(cfg.sums, model.shape, backend)
@@ -46,10 +52,18 @@ class DetectorProcessor:
         return "ADU" if self.cfg.gain_convention != "divide" else self.model.units
 
     @property
+    def common_mode(self) -> CommonMode | None:
+        if self.cmpars is not None and self._common_mode is None:
+            self._common_mode = CommonMode(self.model, self.cmpars, self.constants.rms[0],
+                                           self.backend.xp)
+        return self._common_mode
+
+    @property
     def calibrator(self) -> Calibrator:
         if self._calibrator is None:
             self._calibrator = Calibrator(self.model, self.constants, self.masks[self.cfg.mask],
-                                          self.backend, self.cfg.gain_convention)
+                                          self.backend, self.cfg.gain_convention,
+                                          CM_GAIN_RANGES.get(self.model.family))
             for step, control_bits in self._control_bits.items():
                 self._calibrator.set_control_bits(step, control_bits)
         return self._calibrator
@@ -64,9 +78,16 @@ class DetectorProcessor:
         if raw.shape[1:] != self.model.shape:
             raise FrameError(f"{self.cfg.name}: frames of shape {raw.shape[1:]}, "
                               f"a {self.model.type} has {self.model.shape}")
-        calib = self.calibrator(raw, step)
-        self.sums.update(calib)
         out = {}
+        if self.common_mode is None:
+            calib = self.calibrator(raw, step)
+        else:
+            adu, scale, good = self.calibrator.split(raw, step)
+            stats = self.common_mode(adu, good)
+            calib = (adu * scale).reshape(raw.shape)
+            for key, value in stats.items():
+                out[f"common_mode_{key}"] = self.backend.to_host(value)
+        self.sums.update(calib)
         for feature in self.features:
             for field, value in feature.process(calib).items():
                 out[f"{feature.name}_{field}"] = self.backend.to_host(value)
@@ -79,7 +100,9 @@ class DetectorProcessor:
         items = {"pedestal": c.pedestal, "rms": c.rms, "gain": c.gain, "offset": c.offset,
                  "status": c.status, "mask": self.masks["mask"], "cmask": self.masks["cmask"],
                  "calib_mask": self.masks[self.cfg.mask], "x": x, "y": y, "z": z,
-                 "common_mode": self.cfg.common_mode, "gain_convention": self.cfg.gain_convention,
+                 "common_mode": np.asarray(self.cfg.common_mode),
+                 "common_mode_pars": np.asarray(self.cmpars if self.cmpars else [0], np.float64),
+                 "gain_convention": self.cfg.gain_convention,
                  "units": self.units, "type": self.model.type,
                  "constants_file": str(self.cfg.calib or ""),
                  "constants_runs": np.array([c.run_min, c.run_max])}

@@ -37,7 +37,14 @@ def test_good_config(tmp_path):
 
 @pytest.mark.parametrize("edit, where, words", [
     (("common_mode: 0", "common_mod: 0"), "detectors.epix10kquad.common_mod", "unknown key"),
-    (("common_mode: 0", "common_mode: 99"), "detectors.epix10kquad.common_mode", "not supported"),
+    (("common_mode: 0", "common_mode: 99"), "detectors.epix10kquad.common_mode",
+     "unknown common-mode code 99"),
+    (("common_mode: 0", "common_mode: 71"), "detectors.epix10kquad.common_mode",
+     "not known for a epix10k detector"),
+    (("common_mode: 0", "common_mode: [4, 6, 30, 10]"), "detectors.epix10kquad.common_mode",
+     "mode 4 does not apply to a epix10k detector"),
+    (("common_mode: 0", "common_mode: [9, 1]"), "detectors.epix10kquad.common_mode",
+     "mode 9 does not apply"),
     (("common_mode: 0", "common_mode: yes"), "detectors.epix10kquad.common_mode", "boolean"),
     (("thresADU: [0.5, null]", "thresADU: [0.5, high]"),
      "detectors.epix10kquad.functions[0].thresADU", "expected a number"),

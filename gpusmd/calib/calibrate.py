@@ -66,35 +66,52 @@ def switch_states(model: DetectorModel) -> int:
     return {FAMILY_JUNGFRAU: 4, FAMILY_EPIX10K: 2}.get(family_code(model), 1)
 
 
-def switch_tables(lut: np.ndarray, control_bits, model: DetectorModel):
-    """The look-up table unrolled by switch state: (pedestal, scale) per state per pixel,
-    (0, 0) where the state decodes to an invalid gain. With them the CPU pass needs no
-    per-pixel gather: one select on the raw switch bits (the gain decoding of a pixel
-    depends only on its configuration and these bits)."""
+def switch_tables(lut: np.ndarray, control_bits, model: DetectorModel, cm_ranges=None):
+    """The look-up table unrolled by switch state: (pedestal, scale, cm_good) per state
+    per pixel, (0, 0, False) where the state decodes to an invalid gain. cm_good marks the
+    pixels that take part in the common-mode correction: valid, not masked, and in one of
+    ``cm_ranges`` (all ranges when None). With them the CPU pass needs no per-pixel
+    gather: one select on the raw switch bits (the gain decoding of a pixel depends only
+    on its configuration and these bits)."""
+    lut = np.asarray(lut)
     nstate, npix = switch_states(model), lut.shape[1]
     ped = np.zeros((nstate, npix), np.float32)
     scale = np.zeros((nstate, npix), np.float32)
+    good = np.zeros((nstate, npix), bool)
     pix = np.arange(npix)
     for s in range(nstate):
         g = model.gain_index(np.full(npix, s << 14, np.uint16), control_bits).astype(np.intp)
         valid = g >= 0
         ped[s, valid] = lut[g[valid], pix[valid], 0]
         scale[s, valid] = lut[g[valid], pix[valid], 1]
-    return ped, scale
+        good[s] = valid & (scale[s] != 0) & (True if cm_ranges is None else np.isin(g, cm_ranges))
+    return ped, scale, good
+
+
+def select_state(raw, tables, xp=np):
+    """For each table (nstate, npix), the entry of every pixel's raw switch state."""
+    nstate = tables[0].shape[0]
+    if nstate == 1:
+        return [t[0] for t in tables]
+    state = (raw >> 14) & (nstate - 1)
+    picked = [t[0] for t in tables]
+    for k in range(1, nstate):          # a chain of selects: far faster than np.choose
+        hit = state == k
+        picked = [xp.where(hit, t[k], p) for t, p in zip(tables, picked)]
+    return picked
 
 
 def calibrate_switch(raw, ped, scale, model: DetectorModel, xp=np):
     """The CPU pass: same numbers as calibrate_reference, from switch_tables."""
-    adc = model.adc(raw, xp)
-    nstate = ped.shape[0]
-    if nstate == 1:
-        return (adc - ped[0]) * scale[0]
-    state = (raw >> 14) & (nstate - 1)
-    p, s = ped[0], scale[0]
-    for k in range(1, nstate):          # a chain of selects: far faster than np.choose
-        hit = state == k
-        p, s = xp.where(hit, ped[k], p), xp.where(hit, scale[k], s)
-    return (adc - p) * s
+    p, s = select_state(raw, (ped, scale), xp)
+    return (model.adc(raw, xp) - p) * s
+
+
+def split_switch(raw, ped, scale, good, model: DetectorModel, xp=np):
+    """For the common-mode path: ADU before the gain (B, npix), the factor that turns
+    ADU into calibrated units, and the pixels that vote in the common mode."""
+    p, s, g = select_state(raw, (ped, scale, good), xp)
+    return model.adc(raw, xp) - p, s, xp.broadcast_to(g, raw.shape)
 
 
 class Calibrator:
@@ -104,11 +121,13 @@ class Calibrator:
     built once per run."""
 
     def __init__(self, model: DetectorModel, constants: Constants, pixel_mask: np.ndarray,
-                 backend: Backend, convention: str = "divide"):
+                 backend: Backend, convention: str = "divide", cm_ranges=None):
         self.model = model
         self.backend = backend
         self.family = family_code(model)
-        self.lut = backend.asarray(build_lut(constants, pixel_mask, convention))
+        self.cm_ranges = cm_ranges
+        self.host_lut = build_lut(constants, pixel_mask, convention)
+        self.lut = backend.asarray(self.host_lut)
         self._control_bits = {}
         self._tables = {}           # step -> switch tables, for the CPU pass
 
@@ -129,7 +148,22 @@ class Calibrator:
             from ..cuda import calibrate_gpu
             out = calibrate_gpu(flat, cb, self.lut, self.family)
         else:
-            if step not in self._tables:
-                self._tables[step] = switch_tables(self.lut, cb, self.model)
-            out = calibrate_switch(flat, *self._tables[step], self.model)
+            ped, scale, _ = self.tables(step)
+            out = calibrate_switch(flat, ped, scale, self.model, xp)
         return out.reshape(raw.shape)
+
+    def tables(self, step: int):
+        """The switch tables of a config step, on the backend (built once)."""
+        if step not in self._tables:
+            cb = self._control_bits.get(step)
+            host_cb = None if cb is None else self.backend.to_host(cb)
+            self._tables[step] = tuple(self.backend.asarray(t) for t in switch_tables(
+                self.host_lut, host_cb, self.model, self.cm_ranges))
+        return self._tables[step]
+
+    def split(self, raw, step: int = 0):
+        """(adu, scale, good), each (B, npix) on the backend, for the common-mode path:
+        calibrated = adu (after the common mode) * scale."""
+        xp = self.backend.xp
+        raw = xp.asarray(raw)
+        return split_switch(raw.reshape(raw.shape[0], -1), *self.tables(step), self.model, xp)
