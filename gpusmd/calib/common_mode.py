@@ -73,13 +73,11 @@ def group_correct(adu, good, groups: Groups, rule: Rule, xp=np):
     values = adu[:, idx]                                    # (B, G, n)
     vote = good[:, idx] & (values > rule.lo) & (values < rule.hi)
     count = vote.sum(axis=-1)
-    masked = xp.where(vote, values, xp.float32(np.nan))
-    with np.errstate(all="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)     # all-NaN groups
-            stat = (xp.nanmedian(masked, axis=-1) if rule.stat == "median"
-                    else xp.nanmean(masked, axis=-1)).astype(xp.float32)
+    if rule.stat == "median":
+        stat = masked_median(values, vote, count, xp)
+    else:
+        total = xp.where(vote, values, xp.float32(0)).sum(axis=-1, dtype=xp.float32)
+        stat = total / xp.maximum(count, 1).astype(xp.float32)
     big = xp.abs(stat) > rule.max_abs if rule.inclusive else xp.abs(stat) >= rule.max_abs
     applied = ((count >= max(rule.min_count, 1)) & (count >= rule.min_fraction * groups.size)
                & ~big & xp.isfinite(stat))
@@ -87,6 +85,19 @@ def group_correct(adu, good, groups: Groups, rule: Rule, xp=np):
     target = good[:, idx] if rule.apply_to == "good" else xp.ones_like(vote)
     adu[:, idx] = values - cm[..., None] * target
     return cm, applied
+
+
+def masked_median(values, vote, count, xp=np):
+    """Median over the last axis of the voting values: the middle one, or the mean of the
+    two middle ones for an even count (as numpy's median); NaN where nobody voted.
+    Non-voters sort to the end as +inf, so the voters' order statistics come first."""
+    ordered = xp.sort(xp.where(vote, values, xp.float32(np.inf)), axis=-1)
+    low = xp.maximum(count - 1, 0) // 2
+    high = xp.maximum(count, 1) // 2 - (count == 0)
+    a = xp.take_along_axis(ordered, low[..., None], axis=-1)[..., 0]
+    b = xp.take_along_axis(ordered, xp.maximum(high, 0)[..., None], axis=-1)[..., 0]
+    median = (a + b) / xp.float32(2)
+    return xp.where(count > 0, median, xp.float32(np.nan)).astype(xp.float32)
 
 
 # ---- the groups of a detector -------------------------------------------------------------
