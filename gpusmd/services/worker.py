@@ -106,7 +106,7 @@ class Worker:
                   "scalars": {n: [events[i]["scalars"][n] for i in good]
                               for n in (info.scalars if info else {})},
                   "n_sum_events": len(good), "errors": errors}
-        self.sink.send_multipart(encode(header, {**columns, **sums}))
+        self.sink.send_multipart(encode(header, {**columns, **sums}), copy=False)
         self.metrics.inc("events", len(good))
         self.metrics.inc("errors", len(errors))
 
