@@ -2,7 +2,6 @@
 
 Each test runs the real commands; a reference file comes from the in-process replay of
 the same run."""
-import json
 import signal
 import textwrap
 import threading
@@ -239,7 +238,6 @@ def test_slow_sink_keeps_ingest_memory_bounded(setup):
     with chain:
         cfg = load_config(setup / "slow.yaml")
         cfg.services.__dict__.update(chain.addresses)
-        t0 = time.perf_counter()
         sender = threading.Thread(target=publish, args=(setup / "run.h5", cfg), daemon=True)
         sender.start()
         watch(chain)

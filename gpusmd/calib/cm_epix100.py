@@ -52,8 +52,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common_mode import (INF, Groups, ModeContext, Rule, bank_rows, banks, group_correct,
-                          half_columns, tally)
+from .common_mode import (INF, Groups, ModeContext, Rule, bank_rows, banks, half_columns, tally)
 
 
 def _par(cmpars, i, default):
@@ -83,7 +82,7 @@ def mode4(adu, good, cmpars, ctx: ModeContext) -> dict:
     for bit, key, make in MODE4_PASSES:
         if bits & bit:
             groups = ctx.groups(key, lambda make=make: make(ctx.model))
-            _, applied = group_correct(adu, good, groups, rule, ctx.xp)
+            _, applied = ctx.correct(adu, good, groups, rule)
             tally(stats, applied)
     return stats
 
@@ -135,15 +134,15 @@ def mode6(adu, good, cmpars, ctx: ModeContext) -> dict:
     stats: dict = {}
     if variant == 1:
         groups = ctx.groups("frame", lambda: frames(ctx.model))
-        _, applied = group_correct(adu, vote, groups, Rule("mean", apply_to="all"), ctx.xp)
+        _, applied = ctx.correct(adu, vote, groups, Rule("mean", apply_to="all"))
         tally(stats, applied)
     elif variant == 2:
         groups = ctx.groups("bank", lambda: banks(ctx.model))
-        _, applied = group_correct(adu, vote, groups, Rule("median", apply_to="all"), ctx.xp)
+        _, applied = ctx.correct(adu, vote, groups, Rule("median", apply_to="all"))
         tally(stats, applied)
     rule = Rule("median", min_fraction=0.25, max_abs=max_corr, inclusive=True, apply_to="all")
     for key, make in (("column", half_columns), ("row", bank_rows)):
         groups = ctx.groups(key, lambda make=make: make(ctx.model))
-        _, applied = group_correct(adu, vote, groups, rule, ctx.xp)
+        _, applied = ctx.correct(adu, vote, groups, rule)
         tally(stats, applied)
     return stats

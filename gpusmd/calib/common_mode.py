@@ -147,14 +147,29 @@ def chunks(model: DetectorModel, size: int) -> Groups:
 
 # ---- the modes ------------------------------------------------------------------------------
 
+ENGINES = ("array", "kernel", "host")
+
+
 @dataclass
 class ModeContext:
     """What a mode may need besides the frames: the detector and its noise (ADU, the
-    first gain range) for the modes that flag signal by rms."""
+    first gain range) for the modes that flag signal by rms; and which implementation of
+    the group correction runs: "array" (NumPy / CuPy array operations), "kernel" (the
+    CUDA kernel, on a GPU) or "host" (the same kernel built for the CPU, for tests)."""
     model: DetectorModel
     rms: np.ndarray | None = None       # (npix,) on the backend
     xp: object = np
     cache: dict = field(default_factory=dict)
+    engine: str = "array"
+
+    def correct(self, adu, good, groups: Groups, rule: Rule):
+        if self.engine == "kernel":
+            from ..cuda import group_correct_gpu
+            return group_correct_gpu(adu, good, groups, rule)
+        if self.engine == "host":
+            from ..cuda import group_correct_host
+            return group_correct_host(adu, good, groups, rule)
+        return group_correct(adu, good, groups, rule, self.xp)
 
     def groups(self, key, make):
         """Group descriptions are built once per run."""
@@ -183,7 +198,7 @@ def mode7(adu, good, cmpars, ctx: ModeContext) -> dict:
     for bit, key, make in ((4, "bank", banks), (1, "row", bank_rows), (2, "column", half_columns)):
         if bits & bit:
             groups = ctx.groups(key, lambda: make(ctx.model))
-            _, applied = group_correct(adu, good, groups, rule, ctx.xp)
+            _, applied = ctx.correct(adu, good, groups, rule)
             tally(stats, applied)
     return stats
 
@@ -196,7 +211,7 @@ def mode_chunks(adu, good, cmpars, ctx: ModeContext) -> dict:
     rule = Rule("mean" if cmpars[0] == 2 else "median", hi=float(cmpars[1]),
                 max_abs=float(cmpars[2]), inclusive=True, apply_to="all")
     groups = ctx.groups(("chunk", size), lambda: chunks(ctx.model, size))
-    _, applied = group_correct(adu, good, groups, rule, ctx.xp)
+    _, applied = ctx.correct(adu, good, groups, rule)
     stats: dict = {}
     tally(stats, applied)
     return stats
@@ -273,12 +288,14 @@ CM_GAIN_RANGES = {"epix10k": (0, 1, 3, 4), "jungfrau": (0,)}
 class CommonMode:
     """The common-mode correction of one detector for a run."""
 
-    def __init__(self, model: DetectorModel, cmpars: tuple, rms=None, xp=np):
+    def __init__(self, model: DetectorModel, cmpars: tuple, rms=None, xp=np,
+                 engine: str | None = None):
         self.model = model
         self.cmpars = tuple(cmpars)
         self.function = mode_function(int(cmpars[0]))
+        engine = engine or ("array" if xp is np else "kernel")
         self.ctx = ModeContext(model, None if rms is None else xp.asarray(rms, dtype=xp.float32)
-                               .reshape(-1), xp)
+                               .reshape(-1), xp, engine=engine)
 
     def __call__(self, adu, good) -> dict:
         """Correct adu (B, npix) in place; returns per-event statistics (B,) arrays."""

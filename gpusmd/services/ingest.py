@@ -23,7 +23,7 @@ from ..errors import GpusmdError
 from ..runinfo import RunInfo
 from .common import open_socket
 from .metrics import Metrics
-from .protocol import ProtocolError, decode, encode, forward, pack
+from .protocol import ProtocolError, decode, encode, pack
 
 log = logging.getLogger("gpusmd.ingest")
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import ADDRESS_KEYS, Config
+from ..config import ADDRESS_KEYS
 from ..errors import GpusmdError
 
 

@@ -126,7 +126,3 @@ def pack(header: dict, descriptors: list, frames: list) -> list:
     head = {"v": VERSION, **header, "arrays": descriptors}
     return [msgpack.packb(head, use_bin_type=True), *frames]
 
-
-def forward(message: Message, **changes) -> list:
-    """The frames of a received message with header fields changed; arrays not copied."""
-    return pack({**message.header, **changes}, message.header["arrays"], message.frames[1:])
