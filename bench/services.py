@@ -14,6 +14,7 @@ which leaves out what a run costs once (loading constants, building tables, writ
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -56,9 +57,10 @@ def workers_joined(port: int, n: int, timeout=60.0):
     raise RuntimeError("workers did not join")
 
 
-def time_services(workdir: Path, raw: Path, n_workers: int, out: Path, n_events: int) -> float:
+def time_services(workdir: Path, raw: Path, n_workers: int, out: Path, n_events: int,
+                  affinity=None) -> float:
     port = free_port()
-    with LocalServices(workdir / "run.yaml", out, n_workers, "cpu",
+    with LocalServices(workdir / "run.yaml", out, n_workers, "cpu", affinity=affinity,
                        ingest_args=["--metrics-port", str(port)]) as chain:
         workers_joined(port, n_workers)
         cfg = load_config(workdir / "run.yaml")
@@ -85,7 +87,7 @@ def main():
     from gpusmd.detectors import get_detector
     base = args.workdir or Path(tempfile.mkdtemp(prefix="gpusmd-bench-"))
     columns = ["detector", "frame MB", "mode", "events/s end to end", "events/s steady",
-               "steady vs in-process"]
+               "steady vs the in-process row above"]
     rows = []
     n_all, n_part = args.events, args.events // 4
     for det in args.detectors:
@@ -99,17 +101,28 @@ def main():
             return _timed(lambda: replay(raw, config, workdir / "inproc.h5", get_backend("cpu"),
                                          progress=False, max_events=n))
 
-        modes = [("in-process", in_process)]
+        modes = [("in-process", in_process, True)]
         for w in args.workers:
             modes.append((f"services, {w} worker(s)",
-                          lambda n, w=w: time_services(workdir, raw, w, workdir / f"svc{w}.h5", n)))
+                          lambda n, w=w: time_services(workdir, raw, w, workdir / f"svc{w}.h5", n),
+                          False))
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= 2:
+            # the cost on the worker's core: the worker alone on one CPU, the other services
+            # and the publisher on the others, against the in-process replay on that CPU
+            work, rest = {cpus[-1]}, set(cpus[:-1])
+            modes.append((f"in-process, on CPU {cpus[-1]}", pinned(in_process, work), True))
+            modes.append((f"services, 1 worker on CPU {cpus[-1]}, the rest on the others",
+                          pinned(lambda n: time_services(
+                              workdir, raw, 1, workdir / "svc_pinned.h5", n,
+                              {"worker": work, "ingest": rest, "sink": rest}), rest), False))
         mb = model.raw_nbytes / 1e6
         reference = None
-        for name, timer in modes:
+        for name, timer, is_reference in modes:
             t_all = min(timer(n_all) for _ in range(args.repeat))
             t_part = min(timer(n_part) for _ in range(args.repeat))
             steady = (n_all - n_part) / max(1e-9, t_all - t_part)
-            reference = reference or steady
+            reference = steady if is_reference else reference
             rows.append([det, f"{mb:.2f}", name, f"{n_all / t_all:.1f}", f"{steady:.1f}",
                          f"{steady / reference:.2f}"])
         print_table(columns, rows)
@@ -120,6 +133,18 @@ def main():
                        "replay from its call to its return; 'steady' leaves out the once-per-run "
                        "costs (see the script's docstring).")
     print(f"wrote {md}")
+
+
+def pinned(timer, cpus):
+    """The timer, run with this process on the given CPUs."""
+    def run(n):
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cpus)
+        try:
+            return timer(n)
+        finally:
+            os.sched_setaffinity(0, before)
+    return run
 
 
 def _timed(fn) -> float:

@@ -88,30 +88,39 @@ def switch_tables(lut: np.ndarray, control_bits, model: DetectorModel, cm_ranges
     return ped, scale, good
 
 
-def select_state(raw, tables, xp=np):
-    """For each table (nstate, npix), the entry of every pixel's raw switch state."""
-    nstate = tables[0].shape[0]
-    if nstate == 1:
-        return [t[0] for t in tables]
-    state = (raw >> 14) & (nstate - 1)
-    picked = [t[0] for t in tables]
-    for k in range(1, nstate):          # a chain of selects: far faster than np.choose
-        hit = state == k
-        picked = [xp.where(hit, t[k], p) for t, p in zip(tables, picked)]
-    return picked
+def switched(raw, nstate: int, xp=np):
+    """(event, pixel) indices and states of the pixels whose raw switch bits are not 0:
+    few in practice (Jungfrau G1 / G2, epix10k auto-ranged low gain), so the common
+    state-0 case is one dense pass and the others a sparse fix-up."""
+    flat = xp.flatnonzero(raw.view(xp.uint16) >= 0x4000)    # a bool scan: fast
+    ev, pix = flat // raw.shape[1], flat % raw.shape[1]
+    state = ((raw.view(xp.uint16)[ev, pix] >> 14) & (nstate - 1)).astype(xp.intp)
+    return ev, pix, state
 
 
 def calibrate_switch(raw, ped, scale, model: DetectorModel, xp=np):
     """The CPU pass: same numbers as calibrate_reference, from switch_tables."""
-    p, s = select_state(raw, (ped, scale), xp)
-    return (model.adc(raw, xp) - p) * s
+    adc = model.adc(raw, xp)
+    out = (adc - ped[0]) * scale[0]
+    if ped.shape[0] > 1:
+        ev, pix, state = switched(raw, ped.shape[0], xp)
+        out[ev, pix] = (adc[ev, pix] - ped[state, pix]) * scale[state, pix]
+    return out
 
 
 def split_switch(raw, ped, scale, good, model: DetectorModel, xp=np):
     """For the common-mode path: ADU before the gain (B, npix), the factor that turns
     ADU into calibrated units, and the pixels that vote in the common mode."""
-    p, s, g = select_state(raw, (ped, scale, good), xp)
-    return model.adc(raw, xp) - p, s, xp.broadcast_to(g, raw.shape)
+    adc = model.adc(raw, xp)
+    adu = adc - ped[0]
+    factor = xp.broadcast_to(scale[0], raw.shape).copy()
+    voting = xp.broadcast_to(good[0], raw.shape).copy()
+    if ped.shape[0] > 1:
+        ev, pix, state = switched(raw, ped.shape[0], xp)
+        adu[ev, pix] = adc[ev, pix] - ped[state, pix]
+        factor[ev, pix] = scale[state, pix]
+        voting[ev, pix] = good[state, pix]
+    return adu, factor, voting
 
 
 class Calibrator:

@@ -34,8 +34,8 @@ class LocalServices:
 
     def __init__(self, config_path, output, n_workers: int = 2, backend: str = "cpu",
                  once: bool = True, addresses: dict | None = None, sink_args=(), ingest_args=(),
-                 worker_args=(),
-                 quiet=True, log_dir: Path | None = None):
+                 worker_args=(), quiet=True, log_dir: Path | None = None,
+                 affinity: dict[str, set[int]] | None = None):
         self.config_path = str(config_path)
         self.addresses = addresses or loopback_addresses()
         self.output = str(output)
@@ -45,6 +45,7 @@ class LocalServices:
         self.sink_args = list(sink_args)
         self.ingest_args = list(ingest_args)
         self.worker_args = list(worker_args)
+        self.affinity = affinity or {}          # "ingest" / "sink" / "worker" -> CPUs
         self.quiet = quiet
         self.log_dir = Path(log_dir) if log_dir else None
         self.ingest = self.sink = None
@@ -59,8 +60,10 @@ class LocalServices:
             out = open(self.log_dir / f"{name}.log", "w")
         elif self.quiet:
             out = subprocess.DEVNULL
+        cpus = self.affinity.get(args[0])
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
     def start(self) -> "LocalServices":
         self.sink = self._start("sink", "sink", "-o", self.output, "--no-progress",
