@@ -555,8 +555,10 @@ def _build(cxx: str, flags: list[str], unit: str, path: Path, library: Path, cac
 
 # ---- common mode per group (kernels/common_mode.cu) -------------------------------------------
 CM_SORT_MAX = 1024       # kernels/common_mode.cu: groups up to this size are sorted in shared memory
-CM_MAX_SIZE = 65536      # kernels/common_mode.cu: largest group
-CM_BLOCK = 256           # threads per block for large groups
+CM_MAX_SIZE = 1 << 24    # kernels/common_mode.cu: largest group
+CM_BLOCK = 256           # threads per block for large groups (radix select) ...
+CM_BLOCK_HUGE = 1024     # ... and for groups over CM_HUGE pixels (whole frames)
+CM_HUGE = 65536
 CM_MAX_GRID_Y = 65535    # events per launch (gridDim.y)
 CM_HOST_BLOCK = 64       # host build: fewer std::threads per block (results do not depend on it)
 _CM_STATS = {"median": 0, "mean": 1}
@@ -567,7 +569,10 @@ _cm_device_starts: dict = {}
 
 def _cm_block(size: int) -> int:
     """Threads per block for a group size: half the padded sort for small groups (one
-    compare-exchange per thread and step), at least a warp, at most CM_BLOCK."""
+    compare-exchange per thread and step), at least a warp; CM_BLOCK for radix-select
+    groups, CM_BLOCK_HUGE for whole frames (one block per group and event)."""
+    if size > CM_HUGE:
+        return CM_BLOCK_HUGE
     if size > CM_SORT_MAX:
         return CM_BLOCK
     n = 1 << max(0, int(size) - 1).bit_length()
@@ -593,7 +598,7 @@ def _cm_check_groups(groups, npix: int) -> tuple[int, int, int, int, int, int]:
         raise GpusmdError(f"group_correct: groups of {size} pixels, the kernel takes at most "
                           f"{CM_MAX_SIZE}")
     starts = groups.starts
-    ngroups = int(len(starts))
+    ngroups = len(starts)
     if n_outer >= 1 << 31 or n_inner >= 1 << 31 or ngroups >= 1 << 31:
         raise GpusmdError("group_correct: group counts must fit 32 bits")
     key = id(starts)
