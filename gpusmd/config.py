@@ -70,6 +70,7 @@ class FunctionConfig:
     name: str
     params: dict
     where: Where
+    parent: str | None = None      # a function whose output this one takes
 
 
 @dataclass
@@ -187,12 +188,20 @@ def parse_function(d, where: Where, kind_names: dict) -> FunctionConfig:
         raise (where / "kind").error("required key is missing")
     kind = check_choice(d["kind"], tuple(FEATURES), where / "kind")
     feature = FEATURES[kind]
-    params = {k: v for k, v in d.items() if k not in ("kind", "name")}
-    name = d.get("name") or feature.default_name(kind_names.get(kind, 0))
-    check_type(name, (str,), where / "name", "a name")
-    kind_names[kind] = kind_names.get(kind, 0) + 1
+    params = {k: v for k, v in d.items() if k not in ("kind", "name", "parent")}
     feature.check_params(params, where)
-    return FunctionConfig(kind, name, params, where)
+    parent = d.get("parent")
+    if parent is not None:
+        check_type(parent, (str,), where / "parent", "the name of an earlier function")
+        if parent not in kind_names.get("__names__", ()):
+            raise (where / "parent").error(f"no earlier function is named {parent!r}")
+    # smalldata naming: a child is called <parent>_<its own name> (ROI_0_pj_ax_1)
+    own = d.get("name") or feature.default_name_for(params, kind_names.get(kind, 0))
+    check_type(own, (str,), where / "name", "a name")
+    name = f"{parent}_{own}" if parent and not d.get("name") else own
+    kind_names[kind] = kind_names.get(kind, 0) + 1
+    kind_names.setdefault("__names__", []).append(name)
+    return FunctionConfig(kind, name, params, where, parent)
 
 
 def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:

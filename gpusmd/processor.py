@@ -4,6 +4,8 @@ One DetectorProcessor serves the in-process replay and the service worker alike:
 takes batches of raw frames and returns per-event results as NumPy arrays."""
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from .backend import Backend
@@ -14,8 +16,17 @@ from .calib.masks import pixel_masks
 from .config import DetectorConfig
 from .detectors import DetectorModel
 from .errors import ConstantsError, FrameError
-from .features import FEATURES
+from .features import FEATURES, Ragged
 from .features.sums import RunSums
+
+
+def build_feature(f, model, masks, backend, constants, input_shape=None):
+    """One configured function; kinds that threshold in noise units get the noise."""
+    cls = FEATURES[f.kind]
+    extra = {}
+    if "rms" in inspect.signature(cls.__init__).parameters:
+        extra["rms"] = constants.rms[0]
+    return cls(f.name, f.params, model, masks, backend, f.where, input_shape=input_shape, **extra)
 
 
 class DetectorProcessor:
@@ -43,8 +54,20 @@ class DetectorProcessor:
         self._calibrator = None          # built at the first batch: a sink never needs it
         self._control_bits = {}
         self._common_mode = None
-        self.features = [FEATURES[f.kind](f.name, f.params, model, self.masks, backend, f.where)
-                         for f in cfg.functions]
+        self.features = []
+        self.parents = {}                  # child name -> parent feature
+        by_name = {}
+        for f in cfg.functions:
+            parent = by_name.get(f.parent)
+            if parent is not None and parent.output_shape is None:
+                raise (f.where / "parent").error(f"{f.parent} ({parent.kind}) has no output "
+                                                 f"a function can take")
+            feature = build_feature(f, model, self.masks, backend, self.constants,
+                                    None if parent is None else parent.output_shape)
+            if parent is not None:
+                self.parents[feature.name] = parent
+            by_name[f.name] = feature
+            self.features.append(feature)
         self.sums = RunSums(cfg.sums, model.shape, backend)
 
     @property
@@ -89,8 +112,13 @@ class DetectorProcessor:
                 out[f"common_mode_{key}"] = self.backend.to_host(value)
         self.sums.update(calib)
         for feature in self.features:
-            for field, value in feature.process(calib).items():
-                out[f"{feature.name}_{field}"] = self.backend.to_host(value)
+            parent = self.parents.get(feature.name)
+            data = calib if parent is None else parent.child_data
+            for field, value in feature.process(data).items():
+                if isinstance(value, Ragged):
+                    out[f"var_{feature.name}"] = value.to_host(self.backend)
+                else:
+                    out[f"{feature.name}_{field}"] = self.backend.to_host(value)
         return out
 
     def user_data_cfg(self) -> dict:

@@ -20,6 +20,7 @@ from .config import Config
 from .errors import ConfigError
 from .io.output import SmallDataWriter
 from .io.raw import RawRun
+from .features import concat_columns
 from .processor import DetectorProcessor
 from .runinfo import RunInfo
 
@@ -80,7 +81,7 @@ def reduce_frames(procs, frames: dict, steps: dict) -> dict[str, np.ndarray]:
             for key, value in proc.process(frames[det][a:b], step).items():
                 parts.setdefault(key, []).append(value)
         for key, values in parts.items():
-            columns[f"{det}/{key}"] = np.concatenate(values)
+            columns[f"{det}/{key}"] = concat_columns(values)
     return columns
 
 

@@ -25,10 +25,59 @@ class Ragged:
     fields: dict
 
     def __post_init__(self):
-        total = int(np.asarray(self.lengths).sum())
+        total = int(self.lengths.sum())
         for key, value in self.fields.items():
             if len(value) != total:
                 raise ValueError(f"ragged field {key!r} has {len(value)} records, lengths say {total}")
+
+    def __len__(self) -> int:       # events, like a per-event column
+        return len(self.lengths)
+
+    def to_host(self, backend) -> "Ragged":
+        return Ragged(np.asarray(backend.to_host(self.lengths), np.int64),
+                      {k: backend.to_host(v) for k, v in self.fields.items()})
+
+    @staticmethod
+    def concat(parts: list["Ragged"]) -> "Ragged":
+        return Ragged(np.concatenate([p.lengths for p in parts]),
+                      {k: np.concatenate([p.fields[k] for p in parts]) for k in parts[0].fields})
+
+
+RAGGED_SEP = "#"     # "<column>#len", "<column>#<field>": a Ragged column as plain arrays
+
+
+def flatten_columns(columns: dict) -> dict:
+    """Columns as plain arrays (for the wire): Ragged ones split by RAGGED_SEP."""
+    out = {}
+    for key, value in columns.items():
+        if isinstance(value, Ragged):
+            out[f"{key}{RAGGED_SEP}len"] = value.lengths
+            out.update({f"{key}{RAGGED_SEP}{f}": v for f, v in value.fields.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten_columns(arrays: dict) -> dict:
+    """The inverse of flatten_columns."""
+    out, ragged = {}, {}
+    for key, value in arrays.items():
+        if RAGGED_SEP in key:
+            column, field = key.split(RAGGED_SEP, 1)
+            ragged.setdefault(column, {})[field] = value
+        else:
+            out[key] = value
+    for column, parts in ragged.items():
+        lengths = parts.pop("len")
+        out[column] = Ragged(np.asarray(lengths, np.int64), parts)
+    return out
+
+
+def concat_columns(values: list):
+    """Batches of one column, joined: arrays or Ragged records."""
+    if isinstance(values[0], Ragged):
+        return Ragged.concat(values)
+    return np.concatenate(values)
 
 
 class Feature:
@@ -48,6 +97,15 @@ class Feature:
     @classmethod
     def default_name(cls, index: int) -> str:
         return f"{cls.name_prefix}_{index}"
+
+    @classmethod
+    def default_name_for(cls, params: dict, index: int) -> str:
+        """The name when the config gives none (some kinds name themselves by a parameter)."""
+        return cls.default_name(index)
+
+    # what a chained function receives: set by process() when the kind can feed children
+    output_shape: tuple | None = None
+    child_data = None
 
     @classmethod
     def check_params(cls, params: dict, where: Where):

@@ -71,8 +71,10 @@ class ROI(Feature):
         if "mask" in params:
             check_type(params["mask"], (str,), where / "mask", "a mask name")
 
-    def __init__(self, name, params, model, masks, backend, where):
-        super().__init__(name, params, model, masks, backend, where)
+    def __init__(self, name, params, model, masks, backend, where, input_shape=None):
+        super().__init__(name, params, model, masks, backend, where, input_shape)
+        if self.input_shape != model.shape:
+            raise where.error("an ROI takes the detector's frames, not another function's output")
         xp = backend.xp
         self.bounds = check_bounds(params["bounds"], model.shape, where / "bounds")
         self.lo, self.hi = parse_thresholds(params.get("thresADU"), where / "thresADU")
@@ -86,6 +88,7 @@ class ROI(Feature):
             mask = mask * self._load_user_mask(params["userMask"], mask.shape, where / "userMask")
         self.mask = xp.asarray(mask)
         self.npix_good = float(mask.sum())
+        self.output_shape = mask.shape           # children take the masked ROI image
         # absolute row / column of every ROI pixel, for the centre of mass
         self.rows = xp.asarray(np.arange(*self.bounds[-2], dtype=np.float32))
         self.cols = xp.asarray(np.arange(*self.bounds[-1], dtype=np.float32))
@@ -114,6 +117,7 @@ class ROI(Feature):
             out["nsat"] = over.sum(axis=axes).astype(xp.int32)
             data = xp.where(over, xp.float32(0), data)
         data = data * self.mask
+        self.child_data = data
         total = data.sum(axis=axes, dtype=xp.float64)
         out["sum"] = total
         out["mean"] = total / self.npix_good if self.npix_good else xp.full_like(total, xp.nan)

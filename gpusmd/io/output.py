@@ -74,23 +74,34 @@ class SmallDataWriter:
         self.f.close()
         self.f = h5py.File(self.path, "r+")
 
-    def append(self, columns: dict[str, np.ndarray]):
-        """Append one batch: every per-event dataset gets the same number of rows."""
+    def append(self, columns: dict):
+        """Append one batch: every per-event dataset gets the same number of rows; a
+        variable-length column (anything with ``lengths`` and ``fields``, see
+        features.Ragged) goes to <path>/<field> (records) and <path>_len (per event)."""
         lengths = {len(v) for v in columns.values()}
         if len(lengths) != 1:
             raise ValueError(f"per-event columns of different lengths: {lengths}")
         n = lengths.pop()
         for path, value in columns.items():
-            value = np.asarray(value)
-            if path not in self.f:
-                self.f.create_dataset(path, shape=(self.n_events, *value.shape[1:]),
-                                      maxshape=(None, *value.shape[1:]), dtype=value.dtype,
-                                      chunks=(chunk_events(value.shape[1:], value.dtype),
-                                              *value.shape[1:]), **self.compression)
-            ds = self.f[path]
-            ds.resize(self.n_events + n, axis=0)
-            ds[self.n_events:] = value
+            if hasattr(value, "fields"):
+                self._grow(f"{path}_len", np.asarray(value.lengths, np.int64))
+                for field, records in value.fields.items():
+                    self._grow(f"{path}/{field}", np.asarray(records))
+            else:
+                self._grow(path, np.asarray(value))
         self.n_events += n
+
+    def _grow(self, path: str, value: np.ndarray):
+        """Append rows to a dataset made on first sight, resizable along its first axis."""
+        if path not in self.f:
+            self.f.create_dataset(path, shape=(0, *value.shape[1:]),
+                                  maxshape=(None, *value.shape[1:]), dtype=value.dtype,
+                                  chunks=(chunk_events(value.shape[1:], value.dtype),
+                                          *value.shape[1:]), **self.compression)
+        ds = self.f[path]
+        start = ds.shape[0]
+        ds.resize(start + len(value), axis=0)
+        ds[start:] = value
 
     def write(self, path: str, value):
         if path in self.f:

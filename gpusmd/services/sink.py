@@ -18,6 +18,7 @@ from tqdm import tqdm
 from ..backend import get_backend
 from ..config import Config
 from ..errors import GpusmdError
+from ..features import unflatten_columns
 from ..io.output import SmallDataWriter
 from ..replay import build_processors, provenance, write_run_items
 from ..runinfo import RunInfo
@@ -66,7 +67,8 @@ class RunWriter:
                        "timestamp": np.asarray(h["timestamps"], np.int64)}
             for name, dtype in self.info.scalars.items():
                 columns[name] = np.asarray(h["scalars"][name], dtype=dtype)
-            columns.update({k: v for k, v in msg.arrays.items() if not k.startswith("sums/")})
+            columns.update(unflatten_columns({k: v for k, v in msg.arrays.items()
+                                              if not k.startswith("sums/")}))
             self.writer.append(columns)
             if not self.swmr:
                 self.writer.start_swmr()

@@ -17,6 +17,7 @@ import zmq
 from ..backend import Backend
 from ..config import Config
 from ..errors import GpusmdError
+from ..features import flatten_columns
 from ..replay import build_processors, reduce_frames
 from ..runinfo import RunInfo
 from .common import open_socket
@@ -106,7 +107,7 @@ class Worker:
                   "scalars": {n: [events[i]["scalars"][n] for i in good]
                               for n in (info.scalars if info else {})},
                   "n_sum_events": len(good), "errors": errors}
-        self.sink.send_multipart(encode(header, {**columns, **sums}), copy=False)
+        self.sink.send_multipart(encode(header, {**flatten_columns(columns), **sums}), copy=False)
         self.metrics.inc("events", len(good))
         self.metrics.inc("errors", len(errors))
 
