@@ -136,6 +136,39 @@ def parse_services(d, where: Where, base_dir: Path) -> ServicesConfig:
 
 
 @dataclass
+class UserFunctionConfig:
+    """A Python callable registered by name: frames of several detectors in, a dict of
+    per-event arrays out (see gpusmd/examples.py)."""
+    name: str
+    function: object
+    detectors: list[str]
+    params: dict
+    where: Where
+
+
+def parse_user_function(d, where: Where, detectors) -> UserFunctionConfig:
+    import importlib
+    check_keys(d, where, ("name", "function", "detectors", "params"), required=("name", "function"))
+    name = check_type(d["name"], (str,), where / "name", "a name")
+    spec = check_type(d["function"], (str,), where / "function", "'module:function'")
+    module, _, attr = spec.partition(":")
+    try:
+        function = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise (where / "function").error(f"cannot load {spec!r}: {e}") from None
+    if not callable(function):
+        raise (where / "function").error(f"{spec!r} is not callable")
+    dets = d.get("detectors") or list(detectors)
+    check_type(dets, (list,), where / "detectors", "a list of detector names")
+    for i, det in enumerate(dets):
+        if det not in detectors:
+            raise (where / "detectors" / i).error(f"{det!r} is not a configured detector")
+    params = d.get("params") or {}
+    check_type(params, (dict,), where / "params", "a mapping of keyword arguments")
+    return UserFunctionConfig(name, function, dets, params, where)
+
+
+@dataclass
 class Config:
     source: str
     text: str
@@ -146,6 +179,7 @@ class Config:
     compression: str = "gzip"
     passthrough: bool | list = True
     services: ServicesConfig = field(default_factory=ServicesConfig)
+    user_functions: list = field(default_factory=list)
 
 
 def check_common_mode(value, type_name: str, where: Where):
@@ -249,7 +283,7 @@ def parse_config(data, source: str = "<config>", base_dir: Path | None = None, t
     where = Where(source)
     base_dir = base_dir or Path.cwd()
     allowed = ("experiment", "backend", "batch_size", "compression", "passthrough", "detectors",
-               "services")
+               "services", "user_functions")
     check_keys(data, where, allowed, required=("detectors",))
     dets = data["detectors"]
     check_keys(dets, where / "detectors", tuple(dets) if isinstance(dets, dict) else ())
@@ -270,7 +304,10 @@ def parse_config(data, source: str = "<config>", base_dir: Path | None = None, t
         batch_size=batch,
         compression=check_choice(data.get("compression", "gzip"), COMPRESSIONS, where / "compression"),
         passthrough=passthrough,
-        services=parse_services(data.get("services") or {}, where / "services", base_dir))
+        services=parse_services(data.get("services") or {}, where / "services", base_dir),
+        user_functions=[parse_user_function(u, where / "user_functions" / i, dets)
+                        for i, u in enumerate(check_type(data.get("user_functions") or [], (list,),
+                                                         where / "user_functions", "a list"))])
 
 
 def load_config(path) -> Config:

@@ -111,6 +111,7 @@ class DetectorProcessor:
             for key, value in stats.items():
                 out[f"common_mode_{key}"] = self.backend.to_host(value)
         self.sums.update(calib)
+        self.last_calib = calib            # for the user functions of the batch
         for feature in self.features:
             parent = self.parents.get(feature.name)
             data = calib if parent is None else parent.child_data

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from . import __version__
 from .backend import Backend, get_backend
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, GpusmdError
 from .io.output import SmallDataWriter
 from .io.raw import RawRun
 from .features import concat_columns
@@ -71,27 +71,43 @@ def step_runs(steps: np.ndarray):
     return [(int(steps[a]), int(a), int(b)) for a, b in zip(starts, stops)]
 
 
-def reduce_frames(procs, frames: dict, steps: dict) -> dict[str, np.ndarray]:
+def reduce_frames(procs, frames: dict, steps: dict, user_functions=()) -> dict[str, np.ndarray]:
     """One batch of every detector's raw frames (B, *shape) and config steps (B,) ->
-    the per-event columns "<det>/<func>_<field>"."""
-    columns = {}
+    the per-event columns "<det>/<func>_<field>", then "<name>/<field>" of the user
+    functions, which see the calibrated frames of their detectors."""
+    columns, calibrated = {}, {}
     for det, proc in procs.items():
         parts: dict[str, list] = {}
+        frames_parts = []
         for step, a, b in step_runs(steps[det]):
             for key, value in proc.process(frames[det][a:b], step).items():
                 parts.setdefault(key, []).append(value)
+            frames_parts.append(proc.last_calib)
         for key, values in parts.items():
             columns[f"{det}/{key}"] = concat_columns(values)
+        if user_functions:
+            xp = proc.backend.xp
+            calibrated[det] = frames_parts[0] if len(frames_parts) == 1 else xp.concatenate(frames_parts)
+    for uf in user_functions:
+        result = uf.function({d: calibrated[d] for d in uf.detectors}, **uf.params)
+        n = len(next(iter(frames.values())))
+        for field, value in result.items():
+            value = procs[uf.detectors[0]].backend.to_host(value)
+            if len(value) != n:
+                raise GpusmdError(f"user function {uf.name!r}: field {field!r} has "
+                                  f"{len(value)} rows for {n} events")
+            columns[f"{uf.name}/{field}"] = value
     return columns
 
 
-def process_batch(procs, run: RawRun, start: int, stop: int, scalars) -> dict[str, np.ndarray]:
+def process_batch(procs, run: RawRun, start: int, stop: int, scalars,
+                  config: Config) -> dict[str, np.ndarray]:
     columns = {"event_id": run.event_id[start:stop], "timestamp": run.timestamp[start:stop]}
     for name in scalars:
         columns[name] = run.scalars[name][start:stop]
     frames = {det: run.read(det, start, stop) for det in procs}
     steps = {det: run.steps(det)[start:stop] for det in procs}
-    return {**columns, **reduce_frames(procs, frames, steps)}
+    return {**columns, **reduce_frames(procs, frames, steps, config.user_functions)}
 
 
 def provenance(config: Config, backend: str, raw_path, experiment: str, run: int) -> dict:
@@ -129,7 +145,7 @@ def replay(raw_path, config: Config, out_path, backend: Backend | None = None,
             with tqdm(total=n, unit="ev", disable=not progress, desc=out_path.name) as bar:
                 for start in range(0, n, batch):
                     stop = min(n, start + batch)
-                    writer.append(process_batch(procs, run, start, stop, scalars))
+                    writer.append(process_batch(procs, run, start, stop, scalars, config))
                     bar.update(stop - start)
             seconds = time.perf_counter() - t0
             write_run_items(writer, procs, provenance(config, backend.name, run.path,

@@ -155,3 +155,30 @@ def test_constants_for_other_runs_are_refused(runs, tmp_path):
     cfg.write_text((d / "run.yaml").read_text())
     r = gpusmd("replay", data, "--config", cfg, "-o", tmp_path / "o.h5", cwd=tmp_path)
     assert r.returncode == 2 and "valid for runs 1-1, not for run 2" in r.stderr
+
+
+def test_user_function_sees_calibrated_frames(runs):
+    d, data, out, _ = runs
+    text = (d / "run.yaml").read_text() + textwrap.dedent("""\
+        user_functions:
+          - {name: mine, function: "gpusmd.examples:total_intensity", params: {threshold: 0.0}}
+        """)
+    (d / "user.yaml").write_text(text)
+    other = d / "out_user.h5"
+    replay(data, load_config(d / "user.yaml"), other, get_backend(), progress=False)
+    with h5py.File(other, "r") as f:
+        area = f[f"{DET}/ROI_0_area"][()]
+        total = f["mine/total"][()]
+        assert total.shape == (12,)
+        # the ROI covers panel 1 only: the total over the detector is at least its positive part
+        assert np.all(total >= (area * (area > 0)).reshape(12, -1).sum(axis=1) - 1e-3)
+        np.testing.assert_allclose(f["mine/first_share"][()], 1.0, rtol=1e-6)
+
+
+def test_user_function_errors_name_the_key(runs):
+    d, _, _, _ = runs
+    from gpusmd.errors import ConfigError
+    (d / "bad_user.yaml").write_text((d / "run.yaml").read_text()
+                                     + "user_functions:\n  - {name: x, function: 'nosuch.module:f'}\n")
+    with pytest.raises(ConfigError, match=r"user_functions\[0\].function: cannot load"):
+        load_config(d / "bad_user.yaml")

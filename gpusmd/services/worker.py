@@ -89,7 +89,7 @@ class Worker:
                               for det in procs}
                     steps = {det: np.array([int(events[i]["steps"].get(det, 0)) for i in good])
                              for det in procs}
-                    columns = reduce_frames(procs, frames, steps)
+                    columns = reduce_frames(procs, frames, steps, self.config.user_functions)
                 for det, proc in procs.items():
                     for key, part in proc.sums.take().items():
                         sums[f"sums/{det}/{key}"] = part

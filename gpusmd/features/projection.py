@@ -1,0 +1,131 @@
+"""Projection (DESIGN §8): the input summed or averaged over one axis, as smalldata_tools'
+projectionFunc.
+
+Parameters: ``axis`` (required; an axis of one event's input, negative counts from the
+end), ``mean`` (false: sum), ``thresADU`` (a lower threshold, or [lo, hi]: values below lo
+and above hi count as 0, like the ROI), ``singlePhoton`` (every value left above 0 after
+the thresholds counts as 1), ``mask`` (a mask name, default cmask).
+
+Choices, on purpose:
+
+* The default name is ``pj_ax_<|axis|>`` (smalldata names it from ``abs(axis)``), so a
+  projection of ROI_0 on axis 1 is written as ROI_0_pj_ax_1.
+* The mask applies when the input is the detector's frame (input_shape == model.shape);
+  a chained function's input (an ROI's masked image) has its masked pixels at 0 already,
+  and naming a mask there is a config error.
+* ``mean`` divides by the number of good (unmasked) pixels along the axis, thresholded
+  pixels included (they count as 0, as in smalldata); an output element with no good
+  pixel is NaN.
+* The output is float32 (B, *input_shape without axis), summed in float64.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import Where, check_type
+from . import Feature, register
+from .roi import parse_thresholds
+
+
+def check_mask_name(params, where: Where):
+    if "mask" in params:
+        check_type(params["mask"], (str,), where / "mask", "a mask name")
+
+
+def input_mask(feature: Feature, params: dict, where: Where, default="cmask"):
+    """The good-pixel mask (host uint8, input-shaped) of a feature, or None.
+
+    Only a function on the detector's frames has one: ``mask`` names one of the
+    detector's masks (``default`` when absent; None as default means no mask)."""
+    name = params.get("mask", default)
+    if feature.input_shape != tuple(feature.model.shape):
+        if "mask" in params:
+            raise (where / "mask").error(
+                f"a mask applies to the detector's frames {tuple(feature.model.shape)}; this "
+                f"function takes another function's output of shape {feature.input_shape}")
+        return None
+    if name is None:
+        return None
+    if name not in feature.masks:
+        raise (where / "mask").error(f"unknown mask {name!r} (known: {', '.join(feature.masks)})")
+    return (np.asarray(feature.masks[name]) != 0).astype(np.uint8)
+
+
+def check_bool(params, key, where: Where):
+    check_type(params.get(key, False), (bool,), where / key, "true or false")
+
+
+def apply_thresholds(xp, data, lo, hi):
+    """Values below lo and above hi set to 0 (a new array; the input is left alone)."""
+    if lo is not None:
+        data = xp.where(data < lo, xp.float32(0), data)
+    if hi is not None:
+        data = xp.where(data > hi, xp.float32(0), data)
+    return data
+
+
+@register
+class Projection(Feature):
+    kind = "projection"
+    name_prefix = "pj"
+    PARAMS = ("axis", "mean", "thresADU", "singlePhoton", "mask")
+
+    @classmethod
+    def default_name_for(cls, params, index):
+        axis = params.get("axis")
+        if isinstance(axis, int) and not isinstance(axis, bool):
+            return f"pj_ax_{abs(axis)}"
+        return cls.default_name(index)
+
+    @classmethod
+    def check_params(cls, params, where):
+        super().check_params(params, where)
+        if "axis" not in params:
+            raise (where / "axis").error("required key is missing")
+        check_type(params["axis"], (int,), where / "axis", "an integer axis")
+        check_bool(params, "mean", where)
+        check_bool(params, "singlePhoton", where)
+        parse_thresholds(params.get("thresADU"), where / "thresADU")
+        check_mask_name(params, where)
+
+    def __init__(self, name, params, model, masks, backend, where, input_shape=None):
+        super().__init__(name, params, model, masks, backend, where, input_shape)
+        xp = backend.xp
+        ndim = len(self.input_shape)
+        axis = int(params["axis"])
+        if not -ndim <= axis < ndim:
+            raise (where / "axis").error(
+                f"axis {axis} is not an axis of the input (shape {self.input_shape})")
+        self.axis = axis % ndim                      # of one event's input
+        self.mean = bool(params.get("mean", False))
+        self.single_photon = bool(params.get("singlePhoton", False))
+        self.lo, self.hi = parse_thresholds(params.get("thresADU"), where / "thresADU")
+        mask = input_mask(self, params, where)
+        self.mask = None if mask is None else xp.asarray(mask.astype(np.float32))
+        if mask is None:
+            count = np.full(self.input_shape[:self.axis] + self.input_shape[self.axis + 1:],
+                            self.input_shape[self.axis], np.float64)
+        else:
+            count = mask.sum(axis=self.axis, dtype=np.float64)
+        with np.errstate(divide="ignore"):
+            self.inv_count = xp.asarray(np.where(count > 0, 1.0 / count, np.nan))
+        self.output_shape = tuple(count.shape)
+
+    def process(self, calib):
+        xp = self.backend.xp
+        data = apply_thresholds(xp, calib, self.lo, self.hi)
+        if self.single_photon:
+            data = (data > 0).astype(xp.float32)
+        if self.mask is not None:
+            data = data * self.mask
+        out = data.sum(axis=self.axis + 1, dtype=xp.float64)
+        if self.mean:
+            out = out * self.inv_count
+        out = out.astype(xp.float32)
+        self.child_data = out
+        return {"data": out}
+
+    def config_items(self):
+        return {"axis": self.axis, "mean": int(self.mean), "singlePhoton": int(self.single_photon),
+                "thresADU": np.array([np.nan if v is None else v for v in (self.lo, self.hi)]),
+                "mask": "none" if self.mask is None else self.params.get("mask", "cmask")}
