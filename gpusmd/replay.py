@@ -91,12 +91,12 @@ def reduce_frames(procs, frames: dict, steps: dict, user_functions=()) -> dict[s
     for uf in user_functions:
         result = uf.function({d: calibrated[d] for d in uf.detectors}, **uf.params)
         n = len(next(iter(frames.values())))
-        for field, value in result.items():
+        for key, value in result.items():
             value = procs[uf.detectors[0]].backend.to_host(value)
             if len(value) != n:
-                raise GpusmdError(f"user function {uf.name!r}: field {field!r} has "
+                raise GpusmdError(f"user function {uf.name!r}: field {key!r} has "
                                   f"{len(value)} rows for {n} events")
-            columns[f"{uf.name}/{field}"] = value
+            columns[f"{uf.name}/{key}"] = value
     return columns
 
 
