@@ -99,14 +99,15 @@ def cmd_demo(args):
     run_demo(args.outdir, detector=args.detector, n_events=args.events, backend=args.backend)
 
 
-def add_service_args(s):
+def add_service_args(s, service: bool = True):
     from .config import ADDRESS_KEYS
     s.add_argument("--config", required=True)
     for key in ADDRESS_KEYS:
         s.add_argument(f"--{key.replace('_', '-')}", dest=key, help="address (overrides the config)")
-    s.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on this port (0: any free port)")
-    s.add_argument("--once", action="store_true", help="exit after one run")
+    if service:
+        s.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus metrics on this port (0: any free port)")
+        s.add_argument("--once", action="store_true", help="exit after one run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("publish", help="send a raw run to the ingest node")
     s.add_argument("raw")
-    add_service_args(s)
+    add_service_args(s, service=False)
     s.add_argument("--rate", type=float, default=0.0, help="events/s (0: as fast as possible)")
     s.add_argument("--max-events", type=int, default=None)
     s.set_defaults(func=cmd_publish)
