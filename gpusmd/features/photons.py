@@ -1,0 +1,240 @@
+"""Photon counting (DESIGN §8): droplet2photons and the psana-style photon finder.
+
+droplet2photons
+---------------
+Finds droplets exactly like :mod:`gpusmd.features.droplet` (same parameters; droplets
+below thresADU are dropped) and turns each into n = round(data / aduspphot) photons:
+
+- n = 0: no photon;
+- n = 1: one photon at the pixel nearest the droplet's centre of mass (row / col rounded;
+  for an odd-shaped droplet that pixel may lie just outside it);
+- n >= 2: greedy placement: n times, put a photon on the droplet pixel with the largest
+  remaining value and subtract aduspphot from it. Computed without a loop: the
+  placements of the greedy are the n largest of the candidates v_p - j x aduspphot
+  (j = 0, 1, ...) over the droplet's pixels p (each pixel's candidates decrease, so the
+  greedy merges the sorted lists); only candidates above (sum - n x aduspphot) / npix
+  can be among them, so about n + npix candidates per droplet are built, sorted and
+  the first n kept (ties broken by pixel order).
+
+Fields: ``nPhotons`` (B,) (all photons), ``prob`` (B, 11): over the good pixels of the
+mask, the fraction of pixels holding k = 0..10 photons (pixels with more than 10 count
+in no bin), ``mean`` (B,): photons on good pixels per good pixel (speckle-contrast
+input), and the photon records ``row, col, tile`` (integer pixel; one record per photon,
+a pixel with k photons gives k records; ordered by raster position per event) as a
+:class:`Ragged`, or fixed (B, nData) zero-padded arrays when ``nData`` is set.
+smalldata's ``photpts`` is not implemented.
+
+photons
+-------
+The psana ImgAlgos photon finder ("photons", fractional-photon merging), as smalldata's
+``photons`` function uses it: with u = value / ADU_per_photon on good pixels (<= 0 -> 0),
+
+- whole photons: w = floor(u) per pixel, fractions f = u - w;
+- a pixel whose fraction is a local maximum among its 4-neighbours in the segment
+  (>= the down / right neighbours, > the up / left ones, so a plateau gives one maximum)
+  is merged with its largest neighbouring fraction: if f + max(f_neighbours) >
+  thr_fraction it gets one more photon (the neighbour's fraction is not removed, as in
+  psana; a neighbour shared by two maxima may serve both).
+
+Fields: ``nPhot`` (B,) and the pixels with >= 1 photon as a :class:`Ragged` of
+``row, col, tile, nphot`` (or (B, nData) zero-padded arrays with ``nData``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import check_type
+from . import Feature, register
+from .droplet import (
+    DropletFinder,
+    check_common,
+    neighbours,
+    pack,
+    repeat_index,
+    seg_shape,
+)
+
+NUMBER = (int, float)
+NPROB = 11
+
+
+def _positive(params, key, where, default=None):
+    if key not in params:
+        if default is None:
+            raise (where / key).error("required key is missing")
+        return default
+    value = check_type(params[key], NUMBER, where / key, "a number")
+    if not value > 0:
+        raise (where / key).error(f"must be > 0, got {value}")
+    return value
+
+
+def _records_from_counts(xp, count, nevents, ndata):
+    """count map (B, nseg, R, C) -> one record per photon (row, col, tile), packed."""
+    _, nseg, R, C = count.shape
+    flat = count.reshape(-1)
+    nz = xp.flatnonzero(flat)
+    idx = nz[repeat_index(xp, flat[nz])]
+    pix = idx % (nseg * R * C)
+    fields = {"row": ((pix // C) % R).astype(xp.int16), "col": (pix % C).astype(xp.int16),
+              "tile": (pix // (R * C)).astype(xp.int16)}
+    return pack(xp, idx // (nseg * R * C), fields, nevents, ndata)
+
+
+@register
+class Droplet2Photons(Feature):
+    kind = "droplet2photons"
+    accepts_rms = True
+    name_prefix = "droplet2photons"
+    PARAMS = ("threshold", "thresholdLow", "thresADU", "useRms", "nData", "mask", "aduspphot")
+
+    @classmethod
+    def default_name(cls, index: int) -> str:
+        return "droplet2photons" if index == 0 else f"droplet2photons_{index}"
+
+    @classmethod
+    def check_params(cls, params, where):
+        super().check_params(params, where)
+        check_common(params, where)
+        _positive(params, "aduspphot", where)
+
+    def __init__(self, name, params, model, masks, backend, where, input_shape=None, rms=None):
+        super().__init__(name, params, model, masks, backend, where, input_shape)
+        self.finder = DropletFinder(params, self.input_shape, masks, backend, where, rms)
+        self.adu = float(_positive(params, "aduspphot", where))
+        self.ndata = params.get("nData")
+
+    def process(self, calib):
+        xp = self.backend.xp
+        f = self.finder
+        B = calib.shape[0]
+        nseg, R, C = f.seg
+        npix_ev = nseg * R * C
+        drops, labels, v, _ = f(calib)
+        nd = drops["data"].size
+        nph = xp.rint(drops["data"] / self.adu).astype(xp.int64)       # (ndrop,)
+        size = B * npix_ev
+        count = xp.zeros(size, xp.int64)
+        # single photons: at the pixel nearest the centre of mass
+        one = xp.flatnonzero(nph == 1)
+        if one.size:
+            r = xp.clip(xp.rint(drops["row"][one]), 0, R - 1).astype(xp.int64)
+            c = xp.clip(xp.rint(drops["col"][one]), 0, C - 1).astype(xp.int64)
+            at = drops["event"][one] * npix_ev + drops["tile"][one] * (R * C) + r * C + c
+            count += xp.bincount(at, minlength=size)
+        # several photons: greedy on the brightest pixels (see the module docstring)
+        if nd and int((nph >= 2).sum()):
+            lab_flat = labels.reshape(-1)
+            sel = xp.flatnonzero(lab_flat)
+            d = lab_flat[sel] - 1                                       # droplet index
+            multi = nph[d] >= 2
+            sel, d = sel[multi], d[multi]
+            u = v.reshape(-1)[sel].astype(xp.float64) / self.adu
+            n_d = nph[d]
+            lower = ((drops["data"] / self.adu - nph) / drops["npix"])[d]
+            ncand = xp.clip(xp.ceil(u - lower), 0, None).astype(xp.int64)
+            ncand = xp.minimum(ncand, n_d)
+            which = repeat_index(xp, ncand)                             # candidate -> pixel
+            starts = xp.cumsum(ncand) - ncand
+            j = xp.arange(which.size, dtype=xp.int64) - starts[which]
+            cand = u[which] - j
+            cd = d[which]
+            # sort by droplet, then candidate value descending
+            o1 = xp.argsort(-cand, kind="stable") if xp is np else xp.argsort(-cand)
+            o2 = (xp.argsort(cd[o1], kind="stable") if xp is np else xp.argsort(cd[o1]))
+            order = o1[o2]
+            cd_sorted = cd[order]
+            first = xp.searchsorted(cd_sorted, cd_sorted, side="left")
+            rank = xp.arange(order.size, dtype=xp.int64) - first
+            chosen = order[rank < nph[cd_sorted]]
+            count += xp.bincount(sel[which[chosen]], minlength=size)
+        count = count.reshape(B, nseg, R, C)
+        out = _records_from_counts(xp, count, B, self.ndata)
+        out["nPhotons"] = count.reshape(B, -1).sum(axis=1).astype(xp.int32)
+        good_counts = count[:, f.good]                                  # (B, ngood)
+        ev = xp.broadcast_to(xp.arange(B, dtype=xp.int64)[:, None], good_counts.shape)
+        inb = good_counts < NPROB
+        hist = xp.bincount((ev * NPROB + good_counts)[inb], minlength=B * NPROB)
+        ngood = max(f.ngood, 1)
+        out["prob"] = (hist[:B * NPROB].reshape(B, NPROB) / ngood).astype(xp.float32)
+        out["mean"] = (good_counts.sum(axis=1) / ngood).astype(xp.float32)
+        return out
+
+    def config_items(self):
+        f = self.finder
+        return {"threshold": f.threshold, "thresholdLow": f.threshold_low,
+                "thresADU": f.thres_adu, "useRms": int(f.use_rms), "aduspphot": self.adu,
+                "nData": -1 if self.ndata is None else int(self.ndata), "mask": f.mask_name}
+
+
+@register
+class Photons(Feature):
+    kind = "photons"
+    accepts_rms = True          # accepted, unused
+    name_prefix = "photons"
+    PARAMS = ("ADU_per_photon", "thr_fraction", "nData", "mask")
+
+    @classmethod
+    def default_name(cls, index: int) -> str:
+        return "photons" if index == 0 else f"photons_{index}"
+
+    @classmethod
+    def check_params(cls, params, where):
+        super().check_params(params, where)
+        _positive(params, "ADU_per_photon", where)
+        thr = params.get("thr_fraction", 0.9)
+        check_type(thr, NUMBER, where / "thr_fraction", "a number")
+        if not 0 < thr < 2:
+            raise (where / "thr_fraction").error(f"must be in (0, 2), got {thr}")
+        nd = params.get("nData")
+        if nd is not None:
+            check_type(nd, (int,), where / "nData", "a positive integer or null")
+            if nd < 1:
+                raise (where / "nData").error(f"must be >= 1, got {nd}")
+        if "mask" in params:
+            check_type(params["mask"], (str,), where / "mask", "a mask name")
+
+    def __init__(self, name, params, model, masks, backend, where, input_shape=None, rms=None):
+        super().__init__(name, params, model, masks, backend, where, input_shape)
+        self.adu = float(_positive(params, "ADU_per_photon", where))
+        self.thr_fraction = float(params.get("thr_fraction", 0.9))
+        self.ndata = params.get("nData")
+        self.seg = seg_shape(self.input_shape)
+        self.mask_name = params.get("mask", "cmask")
+        if self.mask_name not in masks:
+            raise (where / "mask").error(f"unknown mask {self.mask_name!r} "
+                                         f"(known: {', '.join(masks)})")
+        good = np.asarray(masks[self.mask_name]) != 0
+        self.good = backend.xp.asarray(good.reshape(self.seg))
+
+    def photon_map(self, calib):
+        """(B, nseg, R, C) int32 photons per pixel."""
+        xp = self.backend.xp
+        B = calib.shape[0]
+        u = xp.asarray(calib, xp.float32).reshape(B, *self.seg) / xp.float32(self.adu)
+        u = xp.where(self.good & (u > 0), u, xp.float32(0))
+        whole = xp.floor(u)
+        frac = u - whole
+        up, down, left, right = neighbours(frac)
+        is_max = (frac > up) & (frac > left) & (frac >= down) & (frac >= right) & (frac > 0)
+        best = xp.maximum(xp.maximum(up, down), xp.maximum(left, right))
+        extra = is_max & (frac + best > self.thr_fraction)
+        return (whole + extra).astype(xp.int32)
+
+    def process(self, calib):
+        xp = self.backend.xp
+        B = calib.shape[0]
+        nseg, R, C = self.seg
+        count = self.photon_map(calib)
+        flat = count.reshape(-1)
+        nz = xp.flatnonzero(flat)
+        pix = nz % (nseg * R * C)
+        fields = {"row": ((pix // C) % R).astype(xp.int16), "col": (pix % C).astype(xp.int16),
+                  "tile": (pix // (R * C)).astype(xp.int16), "nphot": flat[nz]}
+        out = pack(xp, nz // (nseg * R * C), fields, B, self.ndata)
+        out["nPhot"] = count.reshape(B, -1).sum(axis=1).astype(xp.int32)
+        return out
+
+    def config_items(self):
+        return {"ADU_per_photon": self.adu, "thr_fraction": self.thr_fraction,
+                "nData": -1 if self.ndata is None else int(self.ndata), "mask": self.mask_name}
