@@ -700,3 +700,139 @@ def group_correct_host(adu, good, groups, rule, block: int | None = None):
                                           adu, good, starts,
                                           *scalars, cm, applied)
     return cm, applied.view(np.bool_)
+
+
+# ---- projection (kernels/projection.cu) ---------------------------------------------------
+PROJECT_BLOCK = 256
+PJ_LO, PJ_HI, PJ_SINGLE, PJ_MEAN, PJ_MASK = 1, 2, 4, 8, 16
+
+
+def _project_args(xp, data, axis: int, mask, inv_count, lo, hi, single_photon, mean):
+    """(data, mask, inv_count, out shape, (nbatch, outer, len, inner), lo, hi, flags)."""
+    data = xp.ascontiguousarray(xp.asarray(data, dtype=xp.float32))
+    if data.ndim < 2:
+        raise GpusmdError(f"project: data must be (B, ...), got shape {data.shape}")
+    shape = data.shape[1:]
+    if not 0 <= axis < len(shape):
+        raise GpusmdError(f"project: axis {axis} is not an axis of {shape}")
+    outer = int(np.prod(shape[:axis], dtype=np.int64))
+    inner = int(np.prod(shape[axis + 1:], dtype=np.int64))
+    out_shape = (data.shape[0], *shape[:axis], *shape[axis + 1:])
+    has_mask = mask is not None
+    if has_mask:
+        mask = xp.ascontiguousarray(xp.asarray(mask, dtype=xp.float32))
+        if mask.shape != shape:
+            raise GpusmdError(f"project: mask shape {mask.shape} is not the input's {shape}")
+    else:
+        mask = xp.zeros(1, xp.float32)          # not read: no PJ_MASK flag
+    if mean:
+        inv_count = xp.ascontiguousarray(xp.asarray(inv_count, dtype=xp.float64))
+        if inv_count.size != outer * inner:
+            raise GpusmdError(f"project: inv_count has {inv_count.size} elements, "
+                              f"the output {outer * inner}")
+    else:
+        inv_count = xp.zeros(1, xp.float64)
+    flags = ((PJ_LO if lo is not None else 0) | (PJ_HI if hi is not None else 0)
+             | (PJ_SINGLE if single_photon else 0) | (PJ_MEAN if mean else 0)
+             | (PJ_MASK if has_mask else 0))
+    lo = 0.0 if lo is None else float(lo)
+    hi = 0.0 if hi is None else float(hi)
+    dims = (data.shape[0], outer, shape[axis], inner)
+    return data, mask, inv_count, out_shape, dims, lo, hi, flags
+
+
+def project_gpu(data, axis: int, mask=None, inv_count=None, lo=None, hi=None,
+                single_photon=False, mean=False):
+    """The projection kernel on the current CuPy device: data (B, *shape) float32 summed
+    (mean: times inv_count, (shape without axis) float64) over ``axis`` of one event's
+    shape, after thresholds / single photon / mask (shape float32 or None). Returns
+    (B, *shape without axis) float32."""
+    cupy = _cupy()
+    data, mask, inv_count, out_shape, dims, lo, hi, flags = _project_args(
+        cupy, data, axis, mask, inv_count, lo, hi, single_photon, mean)
+    out = cupy.empty(out_shape, dtype=cupy.float32)
+    n = dims[0] * dims[1] * dims[3]
+    if n:
+        blocks = min(-(-n // PROJECT_BLOCK), 32 * _sm_count(cupy.cuda.Device().id))
+        get_function("projection", "project")(
+            (blocks,), (PROJECT_BLOCK,),
+            (data, mask, inv_count, out, *(np.int64(d) for d in dims),
+             np.float32(lo), np.float32(hi), np.int32(flags)))
+    return out
+
+
+def project_host(data, axis: int, mask=None, inv_count=None, lo=None, hi=None,
+                 single_photon=False, mean=False, blocks: int | None = None):
+    """The same projection kernel run on the CPU through the host build (tests)."""
+    data, mask, inv_count, out_shape, dims, lo, hi, flags = _project_args(
+        np, data, axis, mask, inv_count, lo, hi, single_photon, mean)
+    out = np.empty(out_shape, dtype=np.float32)
+    n = dims[0] * dims[1] * dims[3]
+    if n:
+        blocks = blocks or -(-n // PROJECT_BLOCK)
+        host_module("projection").launch("project", blocks, PROJECT_BLOCK, data, mask,
+                                         inv_count, out, *dims, lo, hi, flags)
+    return out
+
+
+# ---- weighted histogram (kernels/histogram.cu) ----------------------------------------------
+HIST_BLOCK = 256
+HIST_LO, HIST_HI, HIST_SHARED = 1, 2, 4
+HIST_SHARED_BYTES = 48 * 1024      # private bins (float32) in the default dynamic shared memory
+HIST_MAX_GRID_Y = 65535            # events per launch
+
+
+def _hist_args(xp, data, bins, weight, nbins: int, lo, hi):
+    """(data (B, npix) f32, bins i32, weight f32, dims, lo, hi, flags, shared bytes)."""
+    data = xp.asarray(data, dtype=xp.float32)
+    data = xp.ascontiguousarray(data.reshape(data.shape[0], -1))
+    bins = xp.ascontiguousarray(xp.asarray(bins, dtype=xp.int32).ravel())
+    weight = xp.ascontiguousarray(xp.asarray(weight, dtype=xp.float32).ravel())
+    npix = data.shape[1]
+    if bins.size != npix or weight.size != npix:
+        raise GpusmdError(f"histogram: bins ({bins.size}) and weight ({weight.size}) must have "
+                          f"one value per pixel ({npix})")
+    if data.shape[0] > HIST_MAX_GRID_Y:
+        raise GpusmdError(f"histogram: {data.shape[0]} events > {HIST_MAX_GRID_Y} per launch")
+    nbins = int(nbins)
+    shared = 4 * nbins if 4 * nbins <= HIST_SHARED_BYTES else 0
+    flags = ((HIST_LO if lo is not None else 0) | (HIST_HI if hi is not None else 0)
+             | (HIST_SHARED if shared else 0))
+    lo = 0.0 if lo is None else float(lo)
+    hi = 0.0 if hi is None else float(hi)
+    return data, bins, weight, npix, nbins, lo, hi, flags, shared
+
+
+def histogram_gpu(data, bins, weight, nbins: int, lo=None, hi=None):
+    """Per-event weighted histogram on the current CuPy device: data (B, *shape) float32,
+    bins (*shape) int (-1 = skip), weight (*shape) float32; values below lo / above hi
+    count as 0. Returns (B, nbins) float64 sums of value * weight per bin."""
+    cupy = _cupy()
+    data, bins, weight, npix, nbins, lo, hi, flags, shared = _hist_args(
+        cupy, data, bins, weight, nbins, lo, hi)
+    out = cupy.zeros((data.shape[0], nbins), dtype=cupy.float64)
+    if npix and data.shape[0] and nbins:
+        per_event = max(1, (8 * _sm_count(cupy.cuda.Device().id)) // data.shape[0])
+        blocks = min(-(-npix // HIST_BLOCK), per_event)
+        get_function("histogram", "hist_weighted")(
+            (blocks, data.shape[0]), (HIST_BLOCK,),
+            (data, bins, weight, out, np.int64(npix), np.int32(nbins), np.float32(lo),
+             np.float32(hi), np.int32(flags)), shared_mem=shared)
+    return out
+
+
+def histogram_host(data, bins, weight, nbins: int, lo=None, hi=None, blocks: int = 4,
+                   block: int = 64, shared: bool = True):
+    """The same histogram kernel run on the CPU through the host build (tests);
+    ``shared=False`` forces the global-atomics path."""
+    data, bins, weight, npix, nbins, lo, hi, flags, shared_bytes = _hist_args(
+        np, data, bins, weight, nbins, lo, hi)
+    if not shared:
+        flags &= ~HIST_SHARED
+        shared_bytes = 0
+    out = np.zeros((data.shape[0], nbins), dtype=np.float64)
+    if npix and data.shape[0] and nbins:
+        host_module("histogram").launch("hist_weighted", (blocks, data.shape[0]), block, data,
+                                        bins, weight, out, npix, nbins, lo, hi, flags,
+                                        shared_mem=shared_bytes)
+    return out

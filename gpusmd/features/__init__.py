@@ -124,4 +124,4 @@ class Feature:
         return {}
 
 
-from . import droplet, photons, roi  # noqa: E402,F401  (registers the kinds)
+from . import autocorr, droplet, image, photons, projection, roi, spectrum  # noqa: E402,F401,I001

@@ -56,6 +56,7 @@ phiedges are in degrees, in the same phi convention; phiBins n splits [0, 360) e
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -203,7 +204,7 @@ def _check_edges(value, where, what):
         raise where.error("expected at least 2 edges")
     for i, v in enumerate(value):
         check_type(v, NUMBER, where / i, "a number")
-    if any(b <= a for a, b in zip(value, value[1:])):
+    if any(b <= a for a, b in itertools.pairwise(value)):
         raise where.error("edges must be strictly increasing")
 
 
@@ -329,12 +330,12 @@ class AzimuthalIntegration(Feature):
             qg = q[good]
             qmin = float(params.get("qmin", qg.min() if qg.size else 0.0))
             qmax = float(params.get("qmax", qg.max() if qg.size else qmin + qbin))
-            nq = max(1, int(math.ceil((qmax - qmin) / qbin - 1e-9)))
+            nq = max(1, math.ceil((qmax - qmin) / qbin - 1e-9))
             q_edges = qmin + qbin * np.arange(nq + 1)
         if "phiedges" in params:
             phi_edges = np.asarray(params["phiedges"], np.float64)
         else:
-            phi_edges = np.linspace(0.0, 360.0, int(params.get("phiBins", 1)) + 1)
+            phi_edges = np.linspace(0.0, 360.0, params.get("phiBins", 1) + 1)
         self.q_edges, self.phi_edges = q_edges, phi_edges
         self.nq, self.nphi = len(q_edges) - 1, len(phi_edges) - 1
         self.nbins = self.nq * self.nphi
