@@ -266,8 +266,11 @@ class AzimuthalIntegration(Feature):
             if key in params:
                 check_type(params[key], (str,), where / key, what)
 
-    def __init__(self, name, params, model, masks, backend, where):
-        super().__init__(name, params, model, masks, backend, where)
+    def __init__(self, name, params, model, masks, backend, where, input_shape=None):
+        super().__init__(name, params, model, masks, backend, where, input_shape=input_shape)
+        if self.input_shape != tuple(model.shape):
+            raise where.error(f"azav works on the detector's frames {tuple(model.shape)}, "
+                              f"not on a parent's output {self.input_shape}")
         xp = backend.xp
         x, y, _ = (np.asarray(c, np.float64) for c in model.coords_um())
         self.lo, self.hi = parse_thresholds(params.get("thresADU"), where / "thresADU")
