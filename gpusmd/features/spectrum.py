@@ -23,6 +23,7 @@ import math
 import numpy as np
 
 from ..config import Where, check_type
+from ..cuda import SPECTRUM_MAX_BINS, spectrum_gpu
 from . import Feature, register
 from .projection import check_mask_name, input_mask
 
@@ -101,6 +102,8 @@ class Spectrum(Feature):
         if not self.backend.is_gpu:          # NumPy's own histogram is the fast path here
             counts = [np.histogram(v, self.edges)[0] for v in values]
             return {"histogram": np.asarray(counts, np.int32).reshape(nb, self.nbins)}
+        if self.nbins <= SPECTRUM_MAX_BINS:  # the kernel: private shared-memory bins per block
+            return {"histogram": spectrum_gpu(values, self.edges)}
         return {"histogram": self.counts_array(xp, values)}
 
     def counts_array(self, xp, values):
