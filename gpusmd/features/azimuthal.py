@@ -388,6 +388,13 @@ class AzimuthalIntegration(Feature):
         xp = self.backend.xp
         batch = calib.shape[0]
         data = calib.reshape(batch, -1)
+        if self.backend.is_gpu:         # privatised shared-memory histogram per block
+            from ..cuda import histogram_gpu
+            if not hasattr(self, "_gpu_bin"):
+                self._gpu_bin = xp.asarray(self.pixel_bin.ravel().astype(np.int32))
+            sums = histogram_gpu(data, self._gpu_bin, self._inv_corr, self.nbins, self.lo, self.hi)
+            azav = (sums * self._inv_counts[None, :]).astype(xp.float32)
+            return {"azav": azav.reshape(batch, self.nphi, self.nq)}
         if self.lo is not None:
             data = xp.where(data < self.lo, xp.float32(0), data)
         if self.hi is not None:

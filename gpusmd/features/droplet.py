@@ -27,8 +27,19 @@ first nData droplets, zero-padded.
 Defaults follow smalldata_tools (threshold 5, thresholdLow 3, thresADU 10, useRms true).
 ``pixmax`` (smalldata's cap on stored pixels per droplet, for the pixel-level droplet
 output) is not implemented: this function stores no per-pixel lists.
+
+Chaining: a droplet feeds its droplets to children (``parent: droplet``). Its
+``output_shape`` is a :class:`DropletOutput` (its input shape, marked, carrying its
+finder) and its ``child_data`` a :class:`Droplets` (the per-droplet records before any
+nData cut, the label map, the frames). A ``droplet2photons`` chained on a droplet uses
+them instead of finding droplets again -- same results as a standalone droplet2photons
+with the droplet's parameters; it must then not set the droplet parameters itself
+(threshold, thresholdLow, thresADU, useRms, mask: a config error naming the key). Other
+kinds cannot take a droplet's output.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -133,10 +144,59 @@ def check_common(params, where, extra_numbers=()):
         check_type(params["mask"], (str,), where / "mask", "a mask name")
 
 
+DROPLET_KEYS = ("threshold", "thresholdLow", "thresADU", "useRms", "mask")
+
+
+class DropletOutput(tuple):
+    """A droplet's ``output_shape``: its input shape, marked as droplets, with the finder
+    that made them (a child's constructor sees it as its ``input_shape``)."""
+
+    def __new__(cls, shape, finder):
+        self = super().__new__(cls, shape)
+        self.finder = finder
+        return self
+
+
+@dataclass
+class Droplets:
+    """A droplet's ``child_data`` for one batch: what :meth:`DropletFinder.__call__`
+    returns (``drops``: kept droplets sorted by event, all fields, before nData; ``labels``
+    (B, nseg, rows, cols): kept droplet index + 1, else 0; ``values``: the frames as
+    (B, nseg, rows, cols) float32; ``n_all`` (B,))."""
+    drops: dict
+    labels: object
+    values: object
+    n_all: object
+
+    @property
+    def shape(self) -> tuple:        # (B, nseg, rows, cols): a batch of B events
+        return tuple(self.values.shape)
+
+    def __len__(self) -> int:
+        return int(self.values.shape[0])
+
+
 class DropletFinder:
-    """The droplet algorithm of this module, set up for one detector."""
+    """The droplet algorithm of this module, set up for one detector.
+
+    With ``input_shape`` a :class:`DropletOutput` (chained on a droplet) it takes the
+    parent's settings, refuses its own droplet parameters, and, called on the parent's
+    :class:`Droplets`, returns them as they are."""
 
     def __init__(self, params, input_shape, masks, backend, where, rms=None):
+        if isinstance(input_shape, DropletOutput):
+            for key in DROPLET_KEYS:
+                if key in params:
+                    raise (where / key).error(
+                        "chained on a droplet (parent:), the droplets are the parent's: "
+                        "set this parameter on the parent, not here")
+            parent = input_shape.finder
+            self.__dict__.update(parent.__dict__)
+            self.chained = True
+            parent.feeds_children = True      # the parent keeps its batch's droplets
+            return
+        self.chained = False
+        self.feeds_children = False
         xp = backend.xp
         self.backend, self.xp, self.ndi = backend, xp, ndimage_for(backend)
         self.shape = tuple(input_shape)
@@ -173,7 +233,12 @@ class DropletFinder:
     def __call__(self, calib):
         """-> dict of per-droplet arrays (kept droplets, sorted by event), the label map
         (B, nseg, rows, cols) with dropped droplets set to 0 and the droplet index + 1 of
-        the kept ones, the values (B, nseg, rows, cols), nDroplets_all (B,)."""
+        the kept ones, the values (B, nseg, rows, cols), nDroplets_all (B,).
+        ``calib`` may be a parent droplet's :class:`Droplets` (returned unchanged)."""
+        if isinstance(calib, Droplets):
+            return calib.drops, calib.labels, calib.values, calib.n_all
+        if self.chained:
+            raise TypeError("a droplet-chained finder takes its parent's droplets")
         xp = self.xp
         B = calib.shape[0]
         nseg, R, C = self.seg
@@ -241,13 +306,20 @@ class Droplet(Feature):
         check_common(params, where)
 
     def __init__(self, name, params, model, masks, backend, where, input_shape=None, rms=None):
+        if isinstance(input_shape, DropletOutput):
+            raise (where / "parent").error("a droplet takes frames or an image, not another "
+                                           "droplet's droplets")
         super().__init__(name, params, model, masks, backend, where, input_shape)
         self.finder = DropletFinder(params, self.input_shape, masks, backend, where, rms)
         self.ndata = params.get("nData")
+        self.output_shape = DropletOutput(self.input_shape, self.finder)
 
     def process(self, calib):
         xp = self.backend.xp
-        drops, _, _, n_all = self.finder(calib)
+        self.child_data = None               # free the last batch's label map first
+        drops, labels, values, n_all = self.finder(calib)
+        if self.finder.feeds_children:       # only when a child was built on this droplet
+            self.child_data = Droplets(drops, labels, values, n_all)
         B = calib.shape[0]
         fields = {"data": drops["data"].astype(xp.float32),
                   "npix": drops["npix"].astype(xp.int32),

@@ -3,7 +3,9 @@
 droplet2photons
 ---------------
 Finds droplets exactly like :mod:`gpusmd.features.droplet` (same parameters; droplets
-below thresADU are dropped) and turns each into n = round(data / aduspphot) photons:
+below thresADU are dropped; chained on a droplet, ``parent: droplet``, it takes that
+droplet's droplets and must not repeat its parameters) and turns each into
+n = round(data / aduspphot) photons:
 
 - n = 0: no photon;
 - n = 1: one photon at the pixel nearest the droplet's centre of mass (row / col rounded;
@@ -100,7 +102,10 @@ class Droplet2Photons(Feature):
 
     def __init__(self, name, params, model, masks, backend, where, input_shape=None, rms=None):
         super().__init__(name, params, model, masks, backend, where, input_shape)
-        self.finder = DropletFinder(params, self.input_shape, masks, backend, where, rms)
+        # input_shape as given: a droplet parent's DropletOutput makes the finder reuse
+        # that parent's droplets (gpusmd.features.droplet, "Chaining")
+        self.finder = DropletFinder(params, input_shape or self.input_shape, masks, backend,
+                                    where, rms)
         self.adu = float(_positive(params, "aduspphot", where))
         self.ndata = params.get("nData")
 

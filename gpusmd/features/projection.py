@@ -113,6 +113,12 @@ class Projection(Feature):
 
     def process(self, calib):
         xp = self.backend.xp
+        if self.backend.is_gpu:         # one fused pass: thresholds, mask, sum or mean
+            from ..cuda import project_gpu
+            out = project_gpu(calib, self.axis, self.mask, self.inv_count if self.mean else None,
+                              self.lo, self.hi, self.single_photon, self.mean)
+            self.child_data = out
+            return {"data": out}
         data = apply_thresholds(xp, calib, self.lo, self.hi)
         if self.single_photon:
             data = (data > 0).astype(xp.float32)
