@@ -6,7 +6,10 @@ Both work on adu (B, npix) float32, flat over the raw shape (B, nseg * 185 * 388
 place, with the array module of ``ctx.xp`` (NumPy or CuPy). They are vectorised over
 segments; the pixel passes of mode 1 loop over events with NumPy (reused buffers: a
 batch's temporaries cost more in page faults than in arithmetic) and take the whole batch
-at once on other backends. The histogram analysis is vectorised over events too.
+at once on other backends. The histogram analysis is vectorised over events too. With
+``ctx.engine`` "kernel" (CuPy) or "host" (its CPU build, tests) the per-(event, segment)
+corrections come from kernels/cm_cspad.cu instead (same values, bit for bit against
+NumPy) and are applied as below.
 
 Decisions (where DESIGN §6 or psana left a choice):
 
@@ -94,6 +97,14 @@ def _unbond_mean(view, xp):
     return view[:, :, xp.asarray(unbond_offsets())].astype(xp.float64).mean(axis=-1)
 
 
+def _kernel_cm(ctx: ModeContext, adu, good, nseg, mode, *pars):
+    """(cm (B, nseg) float64, flag (B, nseg) uint8) from kernels/cm_cspad.cu: the CUDA
+    kernel ("kernel" engine) or its host build ("host"); same values as the array path."""
+    from .. import cuda
+    run = cuda.cspad_common_mode_gpu if ctx.engine == "kernel" else cuda.cspad_common_mode_host
+    return run(adu, good, nseg, mode, *pars)
+
+
 def mode5(adu, good, cmpars, ctx: ModeContext) -> dict:
     """Mean of the 36 unbonded pixels (r, r), (r, r + 194), r = 10..180, of each 2x1,
     subtracted from the whole segment when |mean| <= cmpars[1] (100 when absent).
@@ -102,8 +113,12 @@ def mode5(adu, good, cmpars, ctx: ModeContext) -> dict:
     nseg, segpix = _segments(ctx)
     maxcorr = float(cmpars[1]) if len(cmpars) > 1 else 100.0
     view = _segment_view(adu, nseg, segpix)
-    mean = _unbond_mean(view, xp)
-    applied = xp.isfinite(mean) & (xp.abs(mean) <= maxcorr)
+    if ctx.engine in ("kernel", "host"):
+        mean, flag = _kernel_cm(ctx, adu, None, nseg, 5, maxcorr)
+        applied = flag != 0
+    else:
+        mean = _unbond_mean(view, xp)
+        applied = xp.isfinite(mean) & (xp.abs(mean) <= maxcorr)
     _subtract(adu, view, xp.where(applied, mean, 0).astype(xp.float32))
     stats: dict = {}
     tally(stats, applied)
@@ -234,6 +249,12 @@ def mode1(adu, good, cmpars, ctx: ModeContext) -> dict:
     fallback = bool(cmpars[4]) if len(cmpars) > 4 else True
 
     view = _segment_view(adu, nseg, segpix)
+    if ctx.engine in ("kernel", "host"):
+        cm, flag = _kernel_cm(ctx, adu, good, nseg, 1, mean_max, rms_max, thresh, fallback)
+        _subtract(adu, view, cm.astype(xp.float32))
+        stats: dict = {}
+        tally(stats, flag != 0)
+        return stats
     g = xp.broadcast_to(xp.asarray(good, dtype=bool), adu.shape).reshape(view.shape)
     hist = histograms(view, g, xp)
     found, peak, sigma = find_peak(hist, thresh, xp)
