@@ -35,3 +35,21 @@ def assert_same_datasets(a, b, skip=()):
     """Two output files hold the same datasets with the same values."""
     from gpusmd.io.compare import diff_files
     assert diff_files(a, b, skip) == []
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_kernel_cache(tmp_path_factory):
+    """Host builds of the kernels go to a per-session cache, not the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GPUSMD_CACHE", str(tmp_path_factory.getbasetemp() / "gpusmd-cache"))
+    yield
+    mp.undo()
+
+
+def gpu_available() -> bool:
+    """CuPy imports and sees a CUDA device (the @pytest.mark.gpu tests need one)."""
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False

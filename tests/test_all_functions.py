@@ -1,10 +1,12 @@
 """Every function on two detectors: one config, in process and through the services;
 the dataset names follow DESIGN §8-9 and variable-length records round-trip."""
 import textwrap
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from conftest import assert_same_datasets
 
 from gpusmd.backend import get_backend
 from gpusmd.calib.dark import process_dark
@@ -12,8 +14,6 @@ from gpusmd.config import load_config
 from gpusmd.replay import replay
 from gpusmd.services.run import replay_via_services
 from gpusmd.simulate import simulate_run
-
-from conftest import assert_same_datasets
 
 N = 8
 CONFIG = """\
@@ -32,8 +32,10 @@ CONFIG = """\
           - {kind: autocorr, roi: [[0, 1], [0, 128], [0, 128]], save_range: [5, 5]}
           - {kind: droplet, threshold: 5, thresholdLow: 3, thresADU: 5}
           - {kind: droplet2photons, threshold: 5, thresholdLow: 3, thresADU: 5, aduspphot: 9.0}
+          - {kind: droplet2photons, parent: droplet, aduspphot: 9.0}
           - {kind: photons, ADU_per_photon: 9.0, nData: 50}
 %(azav)s
+%(sparsify)s
         sums: [calib, calib_max]
       epix100:
         calib: constants.h5
@@ -55,6 +57,16 @@ def azav_line():
             "qbin: 0.01, phiBins: 4}")
 
 
+def sparsify_line():
+    # the services' workers are fresh processes: they know "sparsify" only once
+    # gpusmd/features/__init__.py imports the module (then this condition always holds)
+    import gpusmd.features
+    if "sparsify" not in Path(gpusmd.features.__file__).read_text():
+        return ""
+    return ("          - {kind: sparsify, parent: ROI_0}\n"
+            "          - {kind: sparsify, parent: ROI_0, nData: 30}")
+
+
 @pytest.fixture(scope="module")
 def two_detectors(tmp_path_factory):
     d = tmp_path_factory.mktemp("allfunc")
@@ -72,7 +84,8 @@ def two_detectors(tmp_path_factory):
             with h5py.File(d / f"c_{det}.h5", "r") as c:
                 c.copy(det, out)
                 out.attrs.update(c.attrs)
-    (d / "run.yaml").write_text(textwrap.dedent(CONFIG) % {"azav": azav_line()})
+    (d / "run.yaml").write_text(textwrap.dedent(CONFIG) % {"azav": azav_line(),
+                                                        "sparsify": sparsify_line()})
     replay(d / "run.h5", load_config(d / "run.yaml"), d / "inproc.h5", get_backend("cpu"),
            progress=False)
     return d
@@ -95,6 +108,30 @@ def test_dataset_names(two_detectors):
         assert jf["var_droplet_len"].shape == (N,)
         assert jf["var_droplet_len"][()].sum() == len(jf["var_droplet/data"])
         np.testing.assert_array_equal(jf["var_droplet_len"][()], jf["droplet_nDroplets"][()])
+        # droplet2photons chained on the droplet: the standalone one's results
+        chained = "droplet_droplet2photons_1"
+        for field in ("nPhotons", "prob", "mean"):
+            np.testing.assert_array_equal(jf[f"{chained}_{field}"][()],
+                                          jf[f"droplet2photons_{field}"][()])
+        for field in ("row", "col", "tile"):
+            np.testing.assert_array_equal(jf[f"var_{chained}/{field}"][()],
+                                          jf[f"var_droplet2photons/{field}"][()])
+        np.testing.assert_array_equal(jf[f"var_{chained}_len"][()],
+                                      jf["var_droplet2photons_len"][()])
+        if "var_ROI_0_sparse" in jf:
+            # sparse pixels of ROI_0 (coordinates relative to the ROI), variable and fixed
+            lengths = jf["var_ROI_0_sparse_len"][()]
+            assert lengths.shape == (N,) and lengths.sum() == len(jf["var_ROI_0_sparse/data"])
+            for field in ("data", "row", "col", "tile"):
+                assert jf[f"ROI_0_sparse_1_{field}"].shape == (N, 30)
+            np.testing.assert_array_equal(jf["ROI_0_sparse_1_n"][()], lengths)
+            assert jf["var_ROI_0_sparse/row"][()].max(initial=0) < 100
+            assert jf["var_ROI_0_sparse/col"][()].max(initial=0) < 200
+            assert np.all(jf["var_ROI_0_sparse/data"][()] >= 1.0)
+            np.testing.assert_allclose(
+                np.bincount(np.repeat(np.arange(N), lengths),
+                            weights=jf["var_ROI_0_sparse/data"][()], minlength=N),
+                jf["ROI_0_sum"][()], rtol=1e-4)
         assert f["epix100/droplet_data"].shape == (N, 20)
         assert "epix100/ROI_0_sum" in f and "both/total" in f
         cfg = f["UserDataCfg/jungfrau05M"]

@@ -16,28 +16,12 @@ from gpusmd.calib import cm_cspad
 from gpusmd.calib.common_mode import ModeContext
 from gpusmd.detectors import get_detector
 from gpusmd.errors import GpusmdError
+from conftest import gpu_available
 
 MODEL = get_detector("cspad")
 NSEG, ROWS, COLS = MODEL.seg_shape
 SEGPIX = ROWS * COLS
 NBATCH = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory):
-    """Host builds go to a per-session cache, not the user's ~/.cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GPUSMD_CACHE", str(tmp_path_factory.getbasetemp() / "gpusmd-cache"))
-    yield
-    mp.undo()
-
-
-def _gpu_available():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 # ---- frames ------------------------------------------------------------------------------
@@ -228,7 +212,7 @@ def test_argument_checks(frames):
 
 # ---- GPU -----------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_available(), reason="CuPy sees no CUDA device")
+@pytest.mark.skipif(not gpu_available(), reason="CuPy sees no CUDA device")
 @pytest.mark.parametrize("pars", PARS[:4], ids=["default", "rms1", "rms1-nofallback", "no-peak"])
 def test_mode1_gpu_matches_reference(frames, pars):
     import cupy
@@ -243,7 +227,7 @@ def test_mode1_gpu_matches_reference(frames, pars):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_available(), reason="CuPy sees no CUDA device")
+@pytest.mark.skipif(not gpu_available(), reason="CuPy sees no CUDA device")
 def test_engine_kernel_matches_array(frames):
     import cupy
     adu, good = frames

@@ -27,25 +27,9 @@ from gpusmd.calib.common_mode import (
 )
 from gpusmd.detectors import get_detector
 from gpusmd.errors import GpusmdError
+from conftest import gpu_available
 
 NBATCH = 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory):
-    """Host builds go to a per-session cache, not the user's ~/.cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GPUSMD_CACHE", str(tmp_path_factory.getbasetemp() / "gpusmd-cache"))
-    yield
-    mp.undo()
-
-
-def _gpu_available():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 # ---- group shapes ------------------------------------------------------------------------
@@ -348,7 +332,7 @@ def test_argument_checks():
 
 # ---- GPU ---------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_available(), reason="CuPy sees no CUDA device")
+@pytest.mark.skipif(not gpu_available(), reason="CuPy sees no CUDA device")
 @pytest.mark.parametrize("rule_id", list(RULES))
 @pytest.mark.parametrize("case", SHAPES)
 def test_group_correct_gpu_matches_reference(case, rule_id):

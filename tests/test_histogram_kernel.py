@@ -7,23 +7,7 @@ import numpy as np
 import pytest
 
 from gpusmd import cuda
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory):
-    """Host builds go to a per-session cache, not the user's ~/.cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GPUSMD_CACHE", str(tmp_path_factory.getbasetemp() / "gpusmd-cache"))
-    yield
-    mp.undo()
-
-
-def _gpu_available():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except (ImportError, RuntimeError):
-        return False
+from conftest import gpu_available
 
 
 def reference(data, bins, weight, nbins, lo=None, hi=None):
@@ -65,7 +49,7 @@ def test_host_build_matches_bincount(nbins, hot, lo, hi, shared):
                                rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.skipif(not _gpu_available(), reason="no CUDA device")
+@pytest.mark.skipif(not gpu_available(), reason="no CUDA device")
 @pytest.mark.parametrize("nbins", [17, 5000, 20000])
 def test_gpu_matches_bincount(nbins):
     import cupy

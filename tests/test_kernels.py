@@ -13,18 +13,10 @@ from gpusmd.calib.calibrate import (FAMILY_EPIX10K, FAMILY_JUNGFRAU, FAMILY_SING
                                     calibrate_reference, family_code)
 from gpusmd.detectors import get_detector
 from gpusmd.errors import GpusmdError
+from conftest import gpu_available
 
 TEST_KERNELS = Path(__file__).parent / "kernels"
 BLOCK_SUM = TEST_KERNELS / "block_sum.cu"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _private_cache(tmp_path_factory):
-    """Host builds go to a per-session cache, not the user's ~/.cache."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("GPUSMD_CACHE", str(tmp_path_factory.getbasetemp() / "gpusmd-cache"))
-    yield
-    mp.undo()
 
 
 def _nvrtc_available():
@@ -38,14 +30,6 @@ def _nvrtc_available():
 
 needs_nvrtc = pytest.mark.skipif(not _nvrtc_available(),
                                  reason="CuPy NVRTC bindings not installed (pip install .[test])")
-
-
-def _gpu_available():
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 # ---- NVRTC -------------------------------------------------------------------------------
@@ -233,7 +217,7 @@ def test_parse_kernels_signatures():
 
 # ---- GPU ----------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.skipif(not _gpu_available(), reason="CuPy sees no CUDA device")
+@pytest.mark.skipif(not gpu_available(), reason="CuPy sees no CUDA device")
 @pytest.mark.parametrize("case", list(CASES))
 def test_calibrate_gpu_matches_reference(case):
     import cupy

@@ -124,4 +124,4 @@ class Feature:
         return {}
 
 
-from . import autocorr, azimuthal, droplet, image, photons, projection, roi, spectrum  # noqa: E402,F401,I001
+from . import autocorr, azimuthal, droplet, image, photons, projection, roi, sparsify, spectrum  # noqa: E402,F401,I001
