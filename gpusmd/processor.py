@@ -59,9 +59,10 @@ class DetectorProcessor:
         by_name = {}
         for f in cfg.functions:
             parent = by_name.get(f.parent)
-            if parent is not None and parent.output_shape is None:
-                raise (f.where / "parent").error(f"{f.parent} ({parent.kind}) has no output "
-                                                 f"a function can take")
+            if parent is not None and (parent.output_shape is None
+                                       or not FEATURES[f.kind].takes(parent)):
+                raise (f.where / "parent").error(f"a {f.kind} cannot take the output of "
+                                                 f"{f.parent} ({parent.kind})")
             feature = build_feature(f, model, self.masks, backend, self.constants,
                                     None if parent is None else parent.output_shape)
             if parent is not None:

@@ -147,3 +147,20 @@ def test_services_equal_in_process_with_every_function(two_detectors):
                                   timeout=120)
     assert summary.n_events == N
     assert_same_datasets(d / "services.h5", d / "inproc.h5")
+
+
+def test_only_droplet2photons_takes_droplets(tmp_path):
+    from gpusmd.errors import ConfigError
+    from gpusmd.processor import DetectorProcessor
+    from gpusmd.detectors import get_detector
+    (tmp_path / "bad.yaml").write_text(textwrap.dedent("""\
+        detectors:
+          camera:
+            type: camera
+            functions:
+              - {kind: droplet, useRms: false, threshold: 5, thresholdLow: 3, thresADU: 5}
+              - {kind: projection, parent: droplet, axis: 0}
+        """))
+    cfg = load_config(tmp_path / "bad.yaml").detectors["camera"]
+    with pytest.raises(ConfigError, match=r"functions\[1\].parent: a projection cannot take"):
+        DetectorProcessor(cfg, get_detector("camera", (32, 32)), get_backend("cpu"))

@@ -43,6 +43,16 @@ class Ragged:
                       {k: np.concatenate([p.fields[k] for p in parts]) for k in parts[0].fields})
 
 
+def check_ndata(params: dict, where: Where):
+    """nData: null (variable-length records) or the fixed number of records per event."""
+    nd = params.get("nData")
+    if nd is not None:
+        if isinstance(nd, bool) or not isinstance(nd, int):
+            raise (where / "nData").error(f"expected a positive integer or null, got {nd!r}")
+        if nd < 1:
+            raise (where / "nData").error(f"must be >= 1, got {nd}")
+
+
 RAGGED_SEP = "#"     # "<column>#len", "<column>#<field>": a Ragged column as plain arrays
 
 
@@ -106,6 +116,12 @@ class Feature:
     # what a chained function receives: set by process() when the kind can feed children
     output_shape: tuple | None = None
     child_data = None
+
+    @classmethod
+    def takes(cls, parent: "Feature") -> bool:
+        """Whether this kind can take ``parent``'s output: arrays, by default (a droplet
+        hands on droplets, which only droplet2photons takes)."""
+        return type(parent.output_shape) is tuple
 
     @classmethod
     def check_params(cls, params: dict, where: Where):

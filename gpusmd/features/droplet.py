@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import check_type
-from . import Feature, Ragged, register
+from . import Feature, Ragged, check_ndata, register
 
 NUMBER = (int, float)
 
@@ -135,11 +135,7 @@ def check_common(params, where, extra_numbers=()):
         raise (where / "threshold").error(f"must be > 0, got {thr}")
     if not 0 <= low <= thr:
         raise (where / "thresholdLow").error(f"must be in [0, threshold = {thr}], got {low}")
-    nd = params.get("nData")
-    if nd is not None:
-        check_type(nd, (int,), where / "nData", "a positive integer or null")
-        if nd < 1:
-            raise (where / "nData").error(f"must be >= 1, got {nd}")
+    check_ndata(params, where)
     if "mask" in params:
         check_type(params["mask"], (str,), where / "mask", "a mask name")
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import check_type
-from . import Feature, register
+from . import Feature, check_ndata, register
 from .droplet import (
     DropletFinder,
     check_common,
@@ -89,6 +89,10 @@ class Droplet2Photons(Feature):
     accepts_rms = True
     name_prefix = "droplet2photons"
     PARAMS = ("threshold", "thresholdLow", "thresADU", "useRms", "nData", "mask", "aduspphot")
+
+    @classmethod
+    def takes(cls, parent) -> bool:         # frames, or a droplet parent's droplets
+        return parent.output_shape is not None
 
     @classmethod
     def default_name(cls, index: int) -> str:
@@ -191,11 +195,7 @@ class Photons(Feature):
         check_type(thr, NUMBER, where / "thr_fraction", "a number")
         if not 0 < thr < 2:
             raise (where / "thr_fraction").error(f"must be in (0, 2), got {thr}")
-        nd = params.get("nData")
-        if nd is not None:
-            check_type(nd, (int,), where / "nData", "a positive integer or null")
-            if nd < 1:
-                raise (where / "nData").error(f"must be >= 1, got {nd}")
+        check_ndata(params, where)
         if "mask" in params:
             check_type(params["mask"], (str,), where / "mask", "a mask name")
 

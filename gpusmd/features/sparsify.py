@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import check_type
-from . import Feature, register
+from . import Feature, check_ndata, register
 from .droplet import pack
 
 NUMBER = (int, float)
@@ -48,11 +48,7 @@ class Sparsify(Feature):
         super().check_params(params, where)
         if params.get("thresADU") is not None:
             check_type(params["thresADU"], NUMBER, where / "thresADU", "a number or null")
-        nd = params.get("nData")
-        if nd is not None:
-            check_type(nd, (int,), where / "nData", "a positive integer or null")
-            if nd < 1:
-                raise (where / "nData").error(f"must be >= 1, got {nd}")
+        check_ndata(params, where)
 
     def __init__(self, name, params, model, masks, backend, where, input_shape=None):
         super().__init__(name, params, model, masks, backend, where, input_shape)
