@@ -1,0 +1,237 @@
+"""The standard benchmark recipes of DESIGN §12 on one backend, with the references
+measured in the same run.
+
+    python bench/run.py [--backend cpu|gpu|auto] [--recipes R1 R2 R3] [--events N] [--no-tests]
+
+R1: epix10k2M, calibration + common mode 85 + 4 ROIs + 2 projections + azimuthal
+    integration (500 q bins x 1 and x 16 phi, polarization + solid angle) + sums.
+R2: Jungfrau 4M, calibration + common mode 7 + the same features.
+R3: epix100, droplets + photons.
+
+For each recipe: events/s per stage (calibration with common mode, each function, the
+sums) and end to end, GB/s of raw input; beside them the references: psana-style NumPy
+calibration + common mode (bench/psana_style.py) and pyFAI's integrate1d on a frame of
+the same size (one core), and on a GPU the pinned host-to-device copy bound for the raw
+bytes of an event. On a GPU the whole test suite runs first with the CuPy backend
+(GPUSMD_BACKEND=gpu); the results go to bench/results/recipes-<backend>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import print_table, write_results  # noqa: E402
+
+from gpusmd.backend import get_backend  # noqa: E402
+from gpusmd.calib.dark import process_dark  # noqa: E402
+from gpusmd.config import load_config  # noqa: E402
+from gpusmd.io.raw import RawRun  # noqa: E402
+from gpusmd.processor import DetectorProcessor  # noqa: E402
+from gpusmd.simulate import simulate_run  # noqa: E402
+
+AZAV = "{kind: azav, name: %s, center: [0.0, 0.0], dis_to_sam: 80.0, eBeam: 9.5, qedges: %s, phiBins: %d}"
+FEATURES_R12 = """\
+- {kind: roi, name: ROI_0, bounds: %(b0)s}
+- {kind: roi, name: ROI_1, bounds: %(b1)s}
+- {kind: roi, name: ROI_2, bounds: %(b2)s, thresADU: [2.0, null]}
+- {kind: roi, name: ROI_3, bounds: %(b3)s}
+- {kind: projection, parent: ROI_0, axis: -1}
+- {kind: projection, parent: ROI_1, axis: -2, mean: true}
+- %(azav1)s
+- %(azav16)s
+"""
+RECIPES = {
+    "R1": ("epix10k2M", 85, 16),
+    "R2": ("jungfrau4M", 7, 8),
+    "R3": ("epix100", 46, 64),
+}
+
+
+def rois(model):
+    nseg, rows, cols = model.seg_shape
+    s = lambda k: [[k, k + 1]] if model.segmented else []  # noqa: E731
+    return {f"b{i}": s(i) + [[rows // 4, rows // 2], [cols // 4, 3 * cols // 4]] for i in range(4)}
+
+
+def config_text(recipe, model, code):
+    if recipe == "R3":
+        functions = textwrap.dedent("""\
+            - {kind: droplet, threshold: 5, thresholdLow: 3, thresADU: 50}
+            - {kind: droplet2photons, parent: droplet, aduspphot: 150}
+            - {kind: photons, ADU_per_photon: 150}
+            """)
+    else:
+        edges = np.linspace(0.05, 3.0, 501).round(6).tolist()
+        functions = FEATURES_R12 % {**rois(model), "azav1": AZAV % ("azav_q", edges, 1),
+                                    "azav16": AZAV % ("azav_phi", edges, 16)}
+    return (f"detectors:\n  {model.type}:\n    calib: constants.h5\n    common_mode: {code}\n"
+            f"    functions:\n" + textwrap.indent(functions, " " * 6)
+            + "    sums: [calib, calib_max]\n")
+
+
+def sync(backend):
+    if backend.is_gpu:
+        backend.xp.cuda.Device().synchronize()
+
+
+def timed(backend, fn, repeat=3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        sync(backend)
+        t0 = time.perf_counter()
+        fn()
+        sync(backend)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
+    det, code, default_events = RECIPES[recipe]
+    n = n_events or default_events
+    d = workdir / recipe
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "run.h5").exists():
+        simulate_run(d / "dark.h5", det, n_events=5, dark=True, run=1)
+        process_dark(d / "dark.h5", d / "constants.h5")
+        simulate_run(d / "run.h5", det, n_events=n, run=2)
+    with RawRun(d / "run.h5") as run:
+        model = run.detectors[det]
+        raw = run.read(det, 0, n)
+        cb = run.control_bits(det, 0)
+    (d / "run.yaml").write_text(config_text(recipe, model, code))
+    cfg = load_config(d / "run.yaml").detectors[det]
+    proc = DetectorProcessor(cfg, model, backend, 2)
+    proc.set_control_bits(0, cb)
+    xp = backend.xp
+    batch = backend.asarray(raw)
+    proc.process(batch[:2])                         # per-run tables and maps
+    rows = []
+    gb = model.raw_nbytes / 1e9
+
+    def add(stage, seconds, reference=None, ref_rate=None):
+        rate = n / seconds
+        rows.append([recipe, stage, f"{rate:.1f}", f"{rate * gb:.2f}",
+                     reference or "", f"{ref_rate:.2f}" if ref_rate else "",
+                     f"{rate / ref_rate:.1f}" if ref_rate else ""])
+
+    def calibrate():
+        if proc.common_mode is None:
+            return proc.calibrator(batch)
+        adu, scale, good = proc.calibrator.split(batch)
+        proc.common_mode(adu, good)
+        return (adu * scale).reshape(batch.shape)
+
+    psana = psana_rate(model, cfg, proc, raw[:psana_events], cb) if recipe != "R3" else None
+    add("calibration + common mode %s" % code, timed(backend, calibrate),
+        "psana-style NumPy, per-group loops" if psana else None, psana)
+    calib = calibrate()
+    for feature in proc.features:
+        parent = proc.parents.get(feature.name)
+        data = calib if parent is None else parent.child_data
+        ref = ref_rate = None
+        if feature.kind == "azav" and feature.nphi == 1:
+            ref, ref_rate = "pyFAI integrate1d, same size, 1 core", pyfai_rate(model, feature)
+        add(f"{feature.kind} {feature.name}", timed(backend, lambda: feature.process(data)),
+            ref, ref_rate)
+    add("sums", timed(backend, lambda: proc.sums.update(calib)))
+    add("end to end (from host raw)", timed(backend, lambda: proc.process(raw)))
+    if backend.is_gpu:
+        bound = h2d_rate(backend, raw)
+        rows[-1][4:] = ["pinned host-to-device copy bound", f"{bound:.1f}",
+                        f"{(n / timed(backend, lambda: proc.process(raw))) / bound:.2f}"]
+    return rows
+
+
+def psana_rate(model, cfg, proc, raw, cb):
+    from psana_style import calibrate_event, cm_mode7_event
+    from gpusmd.calib.common_mode import CM_GAIN_RANGES
+    c, mask = proc.constants, proc.masks[cfg.mask]
+    gi = model.gain_index(raw, cb)
+    allowed = np.isin(gi, CM_GAIN_RANGES[model.family]) & (mask != 0)
+    t0 = time.perf_counter()
+    for e in range(len(raw)):
+        adu, factor = calibrate_event(raw[e], gi[e], c.pedestal, c.gain, mask)
+        cm_mode7_event(adu, allowed[e], model.family, *proc.cmpars[1:4])
+        adu * factor
+    return len(raw) / (time.perf_counter() - t0)
+
+
+def pyfai_rate(model, feature, n=4):
+    from pyFAI.detectors import Detector
+    from pyFAI.integrator.azimuthal import AzimuthalIntegrator
+    rows = model.npix // 1536
+    p = model.pixel_size_um * 1e-6
+    ai = AzimuthalIntegrator(dist=0.08, poni1=rows * p / 2, poni2=1536 * p / 2,
+                             detector=Detector(p, p, max_shape=(rows, 1536)),
+                             wavelength=12.3984 / 9.5 * 1e-10)
+    frames = np.random.default_rng(0).gamma(2, 5, (n, rows, 1536)).astype(np.float32)
+    kw = dict(npt=feature.nq, unit="q_A^-1", correctSolidAngle=True, polarization_factor=1.0,
+              method=("no", "csr", "cython"))
+    ai.integrate1d(frames[0], **kw)
+    t0 = time.perf_counter()
+    for f in frames:
+        ai.integrate1d(f, **kw)
+    return n / (time.perf_counter() - t0)
+
+
+def h2d_rate(backend, raw) -> float:
+    """Events/s that pinned host-to-device copies of the raw frames allow."""
+    cupy = backend.xp
+    pinned = cupy.cuda.alloc_pinned_memory(raw.nbytes)
+    host = np.frombuffer(pinned, raw.dtype, raw.size).reshape(raw.shape)
+    host[...] = raw
+    dev = cupy.empty_like(host)
+    seconds = timed(backend, lambda: dev.set(host), repeat=5)
+    return len(raw) / seconds
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    p.add_argument("--events", type=int, default=None, help="events per recipe")
+    p.add_argument("--psana-events", type=int, default=2)
+    p.add_argument("--no-tests", action="store_true", help="on a GPU: skip the test suite")
+    p.add_argument("--workdir", type=Path, default=None)
+    args = p.parse_args()
+    backend = get_backend(args.backend)
+    if backend.is_gpu and not args.no_tests:
+        root = Path(__file__).parents[1]
+        print("running the test suite with the CuPy backend first", flush=True)
+        status = subprocess.call([sys.executable, "-m", "pytest", "-q", str(root / "tests")],
+                                 env={**os.environ, "GPUSMD_BACKEND": "gpu"}, cwd=root)
+        if status != 0:
+            sys.exit(f"the test suite failed on the GPU (status {status}); no benchmark")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpusmd-recipes-"))
+    columns = ["recipe", "stage", "events/s", "GB/s raw", "reference", "reference events/s",
+               "ratio"]
+    rows = []
+    for recipe in args.recipes:
+        rows += run_recipe(recipe, backend, args.events, workdir, args.psana_events)
+        print_table(columns, rows)
+    device = "CPU, one process" if not backend.is_gpu else gpu_name(backend)
+    md = write_results(f"recipes-{backend.name}", f"Recipes R1-R3 on the {backend.name} backend "
+                       f"({device})", columns, rows,
+                       notes=f"`python bench/run.py --backend {args.backend}`; best of 3 per "
+                       "stage, batches of all the recipe's events at once.")
+    print(f"wrote {md}")
+
+
+def gpu_name(backend) -> str:
+    props = backend.xp.cuda.runtime.getDeviceProperties(backend.xp.cuda.Device().id)
+    return props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+
+
+if __name__ == "__main__":
+    main()
