@@ -94,6 +94,11 @@ def cmd_keys(args):
           f"and copy the folder to every host of the chain")
 
 
+def cmd_memory(args):
+    from .gpu_pipeline import cmd_memory as run
+    run(args)
+
+
 def cmd_demo(args):
     from .demo import run_demo
     run_demo(args.outdir, detector=args.detector, n_events=args.events, backend=args.backend)
@@ -183,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("keys", help="generate CurveZMQ keys for the links between services")
     s.add_argument("directory")
     s.set_defaults(func=cmd_keys)
+
+    from .gpu_pipeline import add_memory_arguments
+    s = sub.add_parser("memory", help="the GPU memory a detector needs at a batch size")
+    add_memory_arguments(s)
+    s.set_defaults(func=cmd_memory)
 
     s = sub.add_parser("demo", help="simulate a dark and a data run, reduce them, plot")
     s.add_argument("--outdir", default="demo_out")

@@ -101,11 +101,14 @@ def reduce_frames(procs, frames: dict, steps: dict, user_functions=()) -> dict[s
 
 
 def process_batch(procs, run: RawRun, start: int, stop: int, scalars,
-                  config: Config) -> dict[str, np.ndarray]:
+                  config: Config, frames: dict | None = None) -> dict[str, np.ndarray]:
+    """frames: the raw frames of the batch when already read (on the device, by
+    gpu_pipeline.run_batches); read from the run when None."""
     columns = {"event_id": run.event_id[start:stop], "timestamp": run.timestamp[start:stop]}
     for name in scalars:
         columns[name] = run.scalars[name][start:stop]
-    frames = {det: run.read(det, start, stop) for det in procs}
+    if frames is None:
+        frames = {det: run.read(det, start, stop) for det in procs}
     steps = {det: run.steps(det)[start:stop] for det in procs}
     return {**columns, **reduce_frames(procs, frames, steps, config.user_functions)}
 
@@ -143,10 +146,19 @@ def replay(raw_path, config: Config, out_path, backend: Backend | None = None,
         t0 = time.perf_counter()
         try:
             with tqdm(total=n, unit="ev", disable=not progress, desc=out_path.name) as bar:
-                for start in range(0, n, batch):
-                    stop = min(n, start + batch)
-                    writer.append(process_batch(procs, run, start, stop, scalars, config))
-                    bar.update(stop - start)
+                if backend.is_gpu:       # batch k+1 crosses the bus while k is processed
+                    from .gpu_pipeline import run_batches
+
+                    def consume(start, stop, frames):
+                        writer.append(process_batch(procs, run, start, stop, scalars, config,
+                                                    frames))
+                        bar.update(stop - start)
+                    run_batches(procs, run.read, n, batch, backend, consume)
+                else:
+                    for start in range(0, n, batch):
+                        stop = min(n, start + batch)
+                        writer.append(process_batch(procs, run, start, stop, scalars, config))
+                        bar.update(stop - start)
             seconds = time.perf_counter() - t0
             write_run_items(writer, procs, provenance(config, backend.name, run.path,
                                                       run.experiment, run.run))

@@ -97,12 +97,12 @@ def test_worker_killed_mid_run(setup):
         while "processors for" not in (setup / f"logs_{out.stem}" / "worker0.log").read_text():
             assert time.monotonic() < deadline, "worker0 never got to work"
             time.sleep(0.1)
-        time.sleep(0.5)
+        time.sleep(0.3)
         chain.workers[0].send_signal(signal.SIGKILL)
 
-    # slow workers (0.3 s a batch of 4, events at 12/s) always hold a batch when one dies
-    chain, status = run_chain(setup, out, rate=12, during=kill_one,
-                              worker_args=["--delay-ms", "300"])
+    # the run arrives at once and slow workers (0.6 s a batch) each hold two batches
+    # (their credits) from the start: worker0 dies holding batches to re-send
+    chain, status = run_chain(setup, out, during=kill_one, worker_args=["--delay-ms", "600"])
     assert status == 0
     assert chain.workers[0].returncode == -signal.SIGKILL
     log = read_log(setup, out, "ingest")
