@@ -113,7 +113,6 @@ def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
     cfg = load_config(d / "run.yaml").detectors[det]
     proc = DetectorProcessor(cfg, model, backend, 2)
     proc.set_control_bits(0, cb)
-    xp = backend.xp
     batch = backend.asarray(raw)
     proc.process(batch[:2])                         # per-run tables and maps
     rows = []
