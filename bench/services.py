@@ -28,7 +28,7 @@ from common import prepare_run, print_table, write_results  # noqa: E402
 from gpusmd.backend import get_backend  # noqa: E402
 from gpusmd.config import load_config  # noqa: E402
 from gpusmd.replay import replay  # noqa: E402
-from gpusmd.services.local import LocalServices, free_port  # noqa: E402
+from gpusmd.services.local import LocalServices, free_port, ipc_addresses  # noqa: E402
 from gpusmd.services.publish import publish  # noqa: E402
 
 FUNCTIONS = """\
@@ -58,9 +58,11 @@ def workers_joined(port: int, n: int, timeout=60.0):
 
 
 def time_services(workdir: Path, raw: Path, n_workers: int, out: Path, n_events: int,
-                  affinity=None) -> float:
+                  affinity=None, transport: str = "tcp") -> float:
     port = free_port()
+    addresses = ipc_addresses(tempfile.mkdtemp(prefix="gpusmd-ipc-")) if transport == "ipc" else None
     with LocalServices(workdir / "run.yaml", out, n_workers, "cpu", affinity=affinity,
+                       addresses=addresses,
                        ingest_args=["--metrics-port", str(port)]) as chain:
         workers_joined(port, n_workers)
         cfg = load_config(workdir / "run.yaml")
@@ -103,9 +105,11 @@ def main():
 
         modes = [("in-process", in_process, True)]
         for w in args.workers:
-            modes.append((f"services, {w} worker(s)",
-                          lambda n, w=w: time_services(workdir, raw, w, workdir / f"svc{w}.h5", n),
-                          False))
+            for transport in ("tcp", "ipc"):
+                modes.append((f"services, {w} worker(s), {transport}",
+                              lambda n, w=w, t=transport: time_services(
+                                  workdir, raw, w, workdir / f"svc{w}.h5", n, transport=t),
+                              False))
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) >= 2:
             # the cost on the worker's core: the worker alone on one CPU, the other services

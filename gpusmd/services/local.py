@@ -24,6 +24,12 @@ def loopback_addresses() -> dict[str, str]:
     return {key: f"tcp://127.0.0.1:{free_port()}" for key in ADDRESS_KEYS}
 
 
+def ipc_addresses(directory) -> dict[str, str]:
+    """Unix-domain sockets in a directory: the cheaper transport when the whole chain
+    runs on one host."""
+    return {key: f"ipc://{Path(directory) / key}" for key in ADDRESS_KEYS}
+
+
 def address_args(addresses: dict[str, str]) -> list[str]:
     return [arg for key, value in addresses.items()
             for arg in (f"--{key.replace('_', '-')}", value)]
