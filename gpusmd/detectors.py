@@ -17,7 +17,7 @@ ADC_MASK = 0x3FFF          # epix10k / Jungfrau: ADC value in the low 14 bits
 # epix10k gain ranges, in the order of the constants' first axis.
 EPIX10K_GAINS = ("FH", "FM", "FL", "AHL_H", "AML_M", "AHL_L", "AML_L")
 EPIX10K_DEFAULT_GAIN = (16.4, 5.466, 0.164, 16.4, 5.466, 0.164, 0.164)   # ADU/keV
-EPIX10K_CB_G, EPIX10K_CB_GA, EPIX10K_CB_TRBIT, EPIX10K_CB_RAW14 = 4, 8, 16, 32
+EPIX10K_CB_G, EPIX10K_CB_GA, EPIX10K_CB_TRBIT = 4, 8, 16      # raw bit 14 adds 32
 EPIX10K_ASIC_ROWS, EPIX10K_ASIC_COLS = 176, 192
 
 JUNGFRAU_GAINS = ("G0", "G1", "G2")

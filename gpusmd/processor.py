@@ -4,8 +4,6 @@ One DetectorProcessor serves the in-process replay and the service worker alike:
 takes batches of raw frames and returns per-event results as NumPy arrays."""
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 
 from .backend import Backend
@@ -23,9 +21,7 @@ from .features.sums import RunSums
 def build_feature(f, model, masks, backend, constants, input_shape=None):
     """One configured function; kinds that threshold in noise units get the noise."""
     cls = FEATURES[f.kind]
-    extra = {}
-    if "rms" in inspect.signature(cls.__init__).parameters:
-        extra["rms"] = constants.rms[0]
+    extra = {"rms": constants.rms[0]} if cls.accepts_rms else {}
     return cls(f.name, f.params, model, masks, backend, f.where, input_shape=input_shape, **extra)
 
 

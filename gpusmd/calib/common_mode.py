@@ -147,9 +147,6 @@ def chunks(model: DetectorModel, size: int) -> Groups:
 
 # ---- the modes ------------------------------------------------------------------------------
 
-ENGINES = ("array", "kernel", "host")
-
-
 @dataclass
 class ModeContext:
     """What a mode may need besides the frames: the detector and its noise (ADU, the

@@ -102,6 +102,7 @@ class Feature:
 
     kind = ""
     name_prefix = ""
+    accepts_rms = False         # True: built with rms= the pixel noise (first gain range)
     PARAMS: tuple[str, ...] = ()
 
     @classmethod
