@@ -120,6 +120,7 @@ class Sink:
         self.current: RunWriter | None = None
         self.early: list = []                   # results and errors before their begin_run
         self.written: list[Path] = []
+        self.closed_runs: set[int] = set()      # late duplicates of these are dropped
 
     def output_path(self, info: RunInfo) -> Path:
         return Path(self.output.format(run=info.run, experiment=info.experiment or "run"))
@@ -135,6 +136,10 @@ class Sink:
         kind, run = msg.kind, msg.header.get("run")
         if kind == "begin_run":
             return self.begin_run(msg)
+        if run in self.closed_runs and kind in ("result", "errors", "end"):
+            log.info("dropped a late %s of run %s, whose file is closed", kind, run)
+            self.metrics.inc("duplicates")
+            return False
         if self.current is None or run != self.current.info.run:
             if kind in ("result", "errors"):
                 self.early.append(msg)
@@ -154,6 +159,7 @@ class Sink:
         if self.current.complete:
             self.current.finish(self.config)
             self.written.append(self.current.path)
+            self.closed_runs.add(self.current.info.run)
             self.current = None
             return True
         return False
