@@ -308,15 +308,27 @@ class DeviceBatches:
             self._keys[j] = (host.shape[1:], host.dtype, self.capacity)
 
     def put(self, k: int, host) -> None:
+        """Stage batch k: an array (B, *shape), or a list of B frames written one by one
+        straight into the pinned buffer (no stacked copy first); then its async copy."""
         j = k % 2
         if self.held[j]:
             raise RuntimeError(f"put({k}): batch {self.batch[j]} in slot {j} not released")
-        host = np.asarray(host)
-        self._ensure(j, host)
+        if not isinstance(host, np.ndarray):
+            if not len(host):
+                raise ValueError(f"put({k}): no frames")
+            first = np.asarray(host[0])
+            # a stand-in with the stacked batch's shape and dtype, without its memory
+            self._ensure(j, np.broadcast_to(np.empty((), first.dtype), (len(host), *first.shape)))
+        else:
+            self._ensure(j, host)
         b = len(host)
         if self.copied[j] is not None:      # the pinned buffer's previous copy has left
             self.copied[j].synchronize()
-        np.copyto(self.pinned[j][:b], host, casting="no")
+        if isinstance(host, np.ndarray):
+            np.copyto(self.pinned[j][:b], host, casting="no")
+        else:
+            for i, frame in enumerate(host):
+                np.copyto(self.pinned[j][i], frame, casting="no")
         stream = self.streams[j]
         if self.released[j] is not None:    # the compute stream is done with the buffer
             stream.wait_event(self.released[j])

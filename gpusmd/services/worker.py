@@ -2,7 +2,13 @@
 per-detector processing as the in-process replay, and sends the results to the sink.
 
 A second socket sends heartbeats from a thread, so a long batch does not make the
-worker look dead; a killed worker stops them, and the ingest re-sends its batches."""
+worker look dead; a killed worker stops them, and the ingest re-sends its batches.
+
+On the GPU, a batch's raw frames (their own dtype, never floats) are written straight
+from the received message into a pinned host buffer and their host -> device copy is
+started at once (``GpuStager``); when the next batch is already waiting on the socket,
+it is received and its copy started before the current batch is processed, so that the
+copy of batch k + 1 overlaps the compute of batch k."""
 from __future__ import annotations
 
 import logging
@@ -18,6 +24,7 @@ from ..backend import Backend
 from ..config import Config
 from ..errors import GpusmdError
 from ..features import flatten_columns
+from ..gpu_pipeline import CupyDevice, DeviceBatches
 from ..replay import build_processors, reduce_frames
 from ..runinfo import RunInfo
 from .common import open_socket
@@ -31,10 +38,73 @@ def default_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+# ---- the GPU path: frames into pinned buffers, copies started ahead ------------------------
+
+class GpuStager:
+    """One DeviceBatches per detector; batch numbers k = 0, 1, ... in the order staged.
+
+    ``stage(frames)`` ({det: [frame, ...]}, the same events for every detector) starts
+    every detector's host -> device copy and returns k; ``get(k)`` gives {det: device
+    array (n, *shape)} on the compute stream (valid until batch k + 2 is staged);
+    ``release(k)`` after batch k's processing. At most two batches are staged and not
+    released at once. ``device``: injectable (CupyDevice by default), as for
+    gpu_pipeline.run_batches."""
+
+    def __init__(self, capacity: int, device=None):
+        self.capacity = max(1, int(capacity))
+        self.device = device if device is not None else CupyDevice()
+        self.slots: dict[str, DeviceBatches] = {}
+        self.next_k = 0
+        self._synced = False
+        self._dets: dict[int, list] = {}      # batch -> its detectors (the last two)
+
+    def stage(self, frames: dict) -> int:
+        if not self._synced:                # constants uploaded on other streams are in place
+            self.device.synchronize()
+            self._synced = True
+        k = self.next_k
+        for det, fs in frames.items():
+            if det not in self.slots:
+                self.slots[det] = DeviceBatches(self.capacity, self.device)
+            self.slots[det].put(k, fs)
+        self._dets[k] = list(frames)
+        self._dets.pop(k - 2, None)
+        self.next_k += 1
+        return k
+
+    def get(self, k: int) -> dict:
+        return {det: self.slots[det].get(k) for det in self._dets[k]}
+
+    def release(self, k: int) -> None:
+        for det in self._dets.get(k, ()):
+            self.slots[det].release(k)
+
+    def new_run(self):
+        """Processors were rebuilt (their constants uploaded): synchronise before the
+        next copy."""
+        self._synced = False
+
+    def close(self):
+        for s in self.slots.values():
+            s.close()
+        self.slots = {}
+
+
+class Staged:
+    """A batch message received ahead, with what the GPU path made of it: the good
+    events' indices, their error records and the stager's batch number (None when no
+    frame was staged)."""
+
+    def __init__(self, good, bad, k=None):
+        self.good, self.bad, self.k = good, bad, k
+
+
 class Worker:
     def __init__(self, config: Config, backend: Backend, name: str | None = None,
                  once: bool = False, metrics_port: int | None = None, delay_s: float = 0.0,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context | None = None, device=None):
+        """device: a CupyDevice stand-in for the GPU path (tests: a fake one forces the
+        path on any backend); by default the GPU path is taken on a GPU backend."""
         self.config = config
         self.cfg = config.services
         self.backend = backend
@@ -49,6 +119,8 @@ class Worker:
         self.runs: dict[int, dict] = {}           # run -> processors
         self.infos: dict[int, RunInfo] = {}
         self._stop = threading.Event()
+        self.stager = (GpuStager(config.batch_size, device)
+                       if device is not None or backend.is_gpu else None)
 
     def heartbeat(self):
         hb = open_socket(self.ctx, zmq.DEALER, self.cfg.ingest_work, False, self.cfg,
@@ -66,10 +138,31 @@ class Worker:
         info = RunInfo.from_message(msg.header, msg.arrays)
         self.infos = {info.run: info}
         self.runs = {info.run: build_processors(self.config, info, self.backend)}
+        if self.stager is not None:
+            self.stager.new_run()
         log.info("run %d: processors for %s on backend %s", info.run,
                  ", ".join(self.runs[info.run]), self.backend.name)
 
-    def on_batch(self, msg):
+    def prepare(self, msg) -> Staged | None:
+        """A batch message's good events and error records; on the GPU path, the good
+        events' frames are also written into pinned buffers and their copy to the device
+        started. None when the batch's run has no processors."""
+        run = msg.header["run"]
+        info, procs = self.infos.get(run), self.runs.get(run)
+        if procs is None:
+            return None
+        events = msg.header["events"]
+        good, bad = self.check_frames(msg, events, info)
+        staged = Staged(good, bad)
+        if self.stager is not None and good:
+            try:
+                staged.k = self.stager.stage({det: [msg.arrays[f"{i}/{det}"] for i in good]
+                                              for det in procs})
+            except Exception:            # processed from the host instead
+                log.exception("batch %s: staging on the device failed", msg.header["batch"])
+        return staged
+
+    def on_batch(self, msg, staged: Staged | None = None):
         h = msg.header
         run, batch = h["run"], h["batch"]
         events = h["events"]
@@ -77,19 +170,25 @@ class Worker:
         ids = [e["event"] for e in events]
         errors = []
         columns, sums, good = {}, {}, list(range(len(events)))
-        if procs is None:
+        if staged is None:
+            staged = self.prepare(msg)
+        if procs is None or staged is None:
             errors = [[i, "worker", f"no begin_run for run {run}"] for i in ids]
             good = []
         else:
-            good, bad = self.check_frames(msg, events, info)
-            errors += bad
+            good = staged.good
+            errors += staged.bad
             try:
                 if good:
-                    frames = {det: np.stack([msg.arrays[f"{i}/{det}"] for i in good])
-                              for det in procs}
+                    if staged.k is not None:       # on the device, copied ahead
+                        frames = self.stager.get(staged.k)
+                    else:
+                        frames = {det: np.stack([msg.arrays[f"{i}/{det}"] for i in good])
+                                  for det in procs}
                     steps = {det: np.array([int(events[i]["steps"].get(det, 0)) for i in good])
                              for det in procs}
                     columns = reduce_frames(procs, frames, steps, self.config.user_functions)
+                    del frames
                 for det, proc in procs.items():
                     for key, part in proc.sums.take().items():
                         sums[f"sums/{det}/{key}"] = part
@@ -100,6 +199,9 @@ class Worker:
                 good, columns, sums = [], {}, {}
                 for proc in procs.values():
                     proc.sums.reset()
+            finally:
+                if staged.k is not None:
+                    self.stager.release(staged.k)
         header = {"kind": "result", "run": run, "batch": batch, "worker": self.name,
                   "backend": self.backend.name,
                   "events": [ids[i] for i in good],
@@ -129,21 +231,37 @@ class Worker:
                 good.append(i)
         return good, bad
 
+    def receive(self):
+        """The next message from the ingest, as (message, Staged of a batch on the GPU
+        path, see prepare), or None when it cannot be decoded."""
+        frames = self.work.recv_multipart(copy=False)
+        try:
+            msg = decode(frames)
+        except ProtocolError as e:
+            log.warning("bad message from the ingest: %s", e)
+            return None
+        staged = None
+        if msg.kind == "batch" and self.stager is not None:
+            staged = self.prepare(msg)
+        return msg, staged
+
     def run(self):
         beat = threading.Thread(target=self.heartbeat, daemon=True)
         beat.start()
         self.send_ready(self.cfg.credits)
+        ahead = None                    # a message received before the current batch ran
         try:
             while True:
-                if not self.work.poll(200):
-                    self.metrics.tick()
-                    continue
-                frames = self.work.recv_multipart(copy=False)
-                try:
-                    msg = decode(frames)
-                except ProtocolError as e:
-                    log.warning("bad message from the ingest: %s", e)
-                    continue
+                if ahead is not None:
+                    item, ahead = ahead, None
+                else:
+                    if not self.work.poll(200):
+                        self.metrics.tick()
+                        continue
+                    item = self.receive()
+                    if item is None:
+                        continue
+                msg, staged = item
                 if msg.kind == "begin_run":
                     try:
                         self.on_begin_run(msg)
@@ -151,7 +269,10 @@ class Worker:
                         log.error("cannot process run %s: %s", msg.header.get("run"), e)
                 elif msg.kind == "batch":
                     time.sleep(self.delay_s)
-                    self.on_batch(msg)
+                    # GPU: the next batch, when already here, starts across the bus now
+                    while self.stager is not None and ahead is None and self.work.poll(0):
+                        ahead = self.receive()
+                    self.on_batch(msg, staged)
                     self.send_ready(1)
                 elif msg.kind == "end":
                     log.info("run %s ended", msg.header.get("run"))
@@ -164,6 +285,8 @@ class Worker:
             self.close()
 
     def close(self):
+        if self.stager is not None:
+            self.stager.close()
         self.metrics.close()
         self.work.close()
         self.sink.close()
