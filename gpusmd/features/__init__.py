@@ -105,14 +105,22 @@ class Feature:
     accepts_rms = False         # True: built with rms= the pixel noise (first gain range)
     PARAMS: tuple[str, ...] = ()
 
+    numbered = False    # True: ROI_0, ROI_1, ...; False: spectrum, spectrum_1, ...
+
     @classmethod
-    def default_name(cls, index: int) -> str:
-        return f"{cls.name_prefix}_{index}"
+    def name_base(cls, params: dict) -> str:
+        """The name without its number (some kinds name themselves by a parameter)."""
+        return cls.name_prefix
+
+    @classmethod
+    def default_name(cls, index: int, params: dict | None = None) -> str:
+        base = cls.name_base(params or {})
+        return f"{base}_{index}" if cls.numbered or index else base
 
     @classmethod
     def default_name_for(cls, params: dict, index: int) -> str:
-        """The name when the config gives none (some kinds name themselves by a parameter)."""
-        return cls.default_name(index)
+        """The name when the config gives none: the index-th function of this kind."""
+        return cls.default_name(index, params)
 
     # what a chained function receives: set by process() when the kind can feed children
     output_shape: tuple | None = None

@@ -65,10 +65,6 @@ class Autocorrelation(Feature):
     PARAMS = ("roi", "mask", "thresADU", "save_range")
 
     @classmethod
-    def default_name(cls, index):
-        return "autocorr" if index == 0 else f"autocorr_{index}"
-
-    @classmethod
     def check_params(cls, params, where):
         super().check_params(params, where)
         if "roi" in params:

@@ -212,6 +212,7 @@ def _check_edges(value, where, what):
 class AzimuthalIntegration(Feature):
     kind = "azav"
     name_prefix = "azav"
+    numbered = True
     PARAMS = ("center", "dis_to_sam", "eBeam", "qbin", "qedges", "qmin", "qmax", "phiBins",
               "phiedges", "tx", "ty", "Pplane", "polarization", "solidangle", "thresADU",
               "mask", "userMask", "poni")

@@ -293,10 +293,6 @@ class Droplet(Feature):
     PARAMS = ("threshold", "thresholdLow", "thresADU", "useRms", "nData", "mask")
 
     @classmethod
-    def default_name(cls, index: int) -> str:
-        return "droplet" if index == 0 else f"droplet_{index}"
-
-    @classmethod
     def check_params(cls, params, where):
         super().check_params(params, where)
         check_common(params, where)

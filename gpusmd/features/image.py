@@ -103,14 +103,9 @@ class Image(Feature):
     PARAMS = ("rebin", "mask")
 
     @classmethod
-    def default_name_for(cls, params, index):
+    def name_base(cls, params):
         r = params.get("rebin", 1)
-        base = f"img_rebin{r}" if isinstance(r, int) and r > 1 else "img"
-        return base if index == 0 else f"{base}_{index}"
-
-    @classmethod
-    def default_name(cls, index):
-        return cls.default_name_for({}, index)
+        return f"img_rebin{r}" if isinstance(r, int) and r > 1 else "img"
 
     @classmethod
     def check_params(cls, params, where):
@@ -140,14 +135,9 @@ class Lineout(Feature):
     PARAMS = ("axis", "band", "rebin", "mask")
 
     @classmethod
-    def default_name_for(cls, params, index):
+    def name_base(cls, params):
         axis = params.get("axis")
-        base = f"lineout_ax_{axis}" if axis in (0, 1) else "lineout"
-        return base if index == 0 else f"{base}_{index}"
-
-    @classmethod
-    def default_name(cls, index):
-        return cls.default_name_for({}, index)
+        return f"lineout_ax_{axis}" if axis in (0, 1) else "lineout"
 
     @classmethod
     def check_params(cls, params, where):

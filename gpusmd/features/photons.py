@@ -95,10 +95,6 @@ class Droplet2Photons(Feature):
         return parent.output_shape is not None
 
     @classmethod
-    def default_name(cls, index: int) -> str:
-        return "droplet2photons" if index == 0 else f"droplet2photons_{index}"
-
-    @classmethod
     def check_params(cls, params, where):
         super().check_params(params, where)
         check_common(params, where)
@@ -182,10 +178,6 @@ class Photons(Feature):
     accepts_rms = True          # accepted, unused
     name_prefix = "photons"
     PARAMS = ("ADU_per_photon", "thr_fraction", "nData", "mask")
-
-    @classmethod
-    def default_name(cls, index: int) -> str:
-        return "photons" if index == 0 else f"photons_{index}"
 
     @classmethod
     def check_params(cls, params, where):

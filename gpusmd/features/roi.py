@@ -51,6 +51,7 @@ def check_bounds(bounds, shape, where: Where) -> tuple[tuple[int, int], ...]:
 class ROI(Feature):
     kind = "roi"
     name_prefix = "ROI"
+    numbered = True
     PARAMS = ("bounds", "thresADU", "userMask", "writeArea", "mask")
 
     @classmethod

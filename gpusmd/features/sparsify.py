@@ -40,10 +40,6 @@ class Sparsify(Feature):
     PARAMS = ("thresADU", "nData")
 
     @classmethod
-    def default_name(cls, index: int) -> str:
-        return "sparse" if index == 0 else f"sparse_{index}"
-
-    @classmethod
     def check_params(cls, params, where):
         super().check_params(params, where)
         if params.get("thresADU") is not None:

@@ -72,10 +72,6 @@ class Spectrum(Feature):
     PARAMS = ("bins", "edges", "mask")
 
     @classmethod
-    def default_name(cls, index):
-        return "spectrum" if index == 0 else f"spectrum_{index}"
-
-    @classmethod
     def check_params(cls, params, where):
         super().check_params(params, where)
         parse_edges(params, where)
