@@ -17,18 +17,27 @@ class RunSums:
         self.keys = list(keys)
         self.shape = tuple(shape)
         self.backend = backend
-        self.reset()
+        self.acc = self._fresh()
+        self._spare = None
+        self.n_events = 0
+
+    def _fresh(self) -> dict:
+        xp = self.backend.xp
+        return {key: xp.full(self.shape, -np.inf, dtype=xp.float32) if key == "calib_max"
+                else xp.zeros(self.shape, dtype=xp.float64) for key in self.keys}
 
     def reset(self):
-        xp = self.backend.xp
         self.n_events = 0
-        self.acc = {key: xp.full(self.shape, -np.inf, dtype=xp.float32) if key == "calib_max"
-                    else xp.zeros(self.shape, dtype=xp.float64) for key in self.keys}
+        for key, acc in self.acc.items():
+            acc.fill(-np.inf if key == "calib_max" else 0)
 
     def take(self) -> dict[str, np.ndarray]:
         """The partial sums so far (host arrays, full precision), then start from zero:
-        a service worker sends each batch's part with its results."""
+        a service worker sends each batch's part with its results. The part stays valid
+        until the next take (two sets of accumulators take turns: no allocation per batch)."""
         part = {key: self.backend.to_host(acc) for key, acc in self.acc.items()}
+        spare = self._spare if self._spare is not None else self._fresh()
+        self._spare, self.acc = self.acc, spare
         self.reset()
         return part
 

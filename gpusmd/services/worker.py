@@ -209,7 +209,7 @@ class Worker:
                   "scalars": {n: [events[i]["scalars"][n] for i in good]
                               for n in (info.scalars if info else {})},
                   "n_sum_events": len(good), "errors": errors}
-        self.sink.send_multipart(encode(header, {**flatten_columns(columns), **sums}), copy=False)
+        self.sink.send_multipart(encode(header, {**flatten_columns(columns), **sums}))
         self.metrics.inc("events", len(good))
         self.metrics.inc("errors", len(errors))
 
