@@ -36,6 +36,7 @@ from common import print_table, write_results  # noqa: E402
 from gpusmd.backend import get_backend  # noqa: E402
 from gpusmd.calib.dark import process_dark  # noqa: E402
 from gpusmd.config import load_config  # noqa: E402
+from gpusmd.errors import GpusmdError  # noqa: E402
 from gpusmd.io.raw import RawRun  # noqa: E402
 from gpusmd.processor import DetectorProcessor  # noqa: E402
 from gpusmd.simulate import simulate_run  # noqa: E402
@@ -204,7 +205,10 @@ def main():
     p.add_argument("--no-tests", action="store_true", help="on a GPU: skip the test suite")
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args()
-    backend = get_backend(args.backend)
+    try:
+        backend = get_backend(args.backend)
+    except GpusmdError as e:
+        sys.exit(f"bench/run.py: {e}")
     if backend.is_gpu and not args.no_tests:
         root = Path(__file__).parents[1]
         print("running the test suite with the CuPy backend first", flush=True)
