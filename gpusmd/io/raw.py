@@ -55,6 +55,7 @@ class RawRun:
         self.experiment = str(f.attrs.get("experiment", ""))
         self.run = int(f.attrs.get("run", 0))
         self.detectors: dict[str, DetectorModel] = {}
+        self._steps: dict[str, np.ndarray] = {}
         self.scalars: dict[str, np.ndarray] = {}
         for name, obj in f.items():
             if not isinstance(obj, h5py.Group) or name in RESERVED_GROUPS:
@@ -98,11 +99,13 @@ class RawRun:
         return self._h5[det]["raw"][start:stop]
 
     def steps(self, det: str) -> np.ndarray:
-        """Configuration step of each event (all 0 for a data run with one config)."""
-        g = self._h5[det]
-        if "config/step" in g:
-            return g["config/step"][()].astype(np.int64)
-        return np.zeros(self.n_events, np.int64)
+        """Configuration step of each event (all 0 for a data run with one config); read
+        from the file once."""
+        if det not in self._steps:
+            g = self._h5[det]
+            self._steps[det] = (g["config/step"][()].astype(np.int64) if "config/step" in g
+                                else np.zeros(self.n_events, np.int64))
+        return self._steps[det]
 
     def control_bits(self, det: str, step: int = 0) -> np.ndarray | None:
         """epix10k per-pixel control bits of a config step; None for other detectors."""
