@@ -634,17 +634,24 @@ def _cm_args(xp, adu, good, groups, rule):
         good = xp.ascontiguousarray(good)
     else:
         raise GpusmdError(f"group_correct: good must be bool or uint8, got {good.dtype}")
+    npix = int(adu.shape[1])
+    ngroups, size, n_outer, outer, n_inner, inner = _cm_check_groups(groups, npix)
+    stat, *rest = _cm_rule_scalars(rule, size)
+    scalars = (n_outer, outer, n_inner, inner, npix, ngroups, stat, *rest)
+    return good, ngroups, size, scalars
+
+
+def _cm_rule_scalars(rule, size: int) -> tuple:
+    """(stat, lo, hi, min_count, min_fraction, max_abs, inclusive, apply_all) of a Rule,
+    checked, for groups of ``size`` pixels."""
     if rule.stat not in _CM_STATS:
         raise GpusmdError(f"group_correct: unknown statistic {rule.stat!r} (median, mean)")
     if rule.apply_to not in _CM_APPLY:
         raise GpusmdError(f"group_correct: unknown apply_to {rule.apply_to!r} (good, all)")
-    npix = int(adu.shape[1])
-    ngroups, size, n_outer, outer, n_inner, inner = _cm_check_groups(groups, npix)
     min_count = max(1, min(int(rule.min_count), size + 1))
-    scalars = (n_outer, outer, n_inner, inner, npix, ngroups, _CM_STATS[rule.stat],
-               float(rule.lo), float(rule.hi), min_count, float(rule.min_fraction),
-               float(rule.max_abs), int(bool(rule.inclusive)), _CM_APPLY[rule.apply_to])
-    return good, ngroups, size, scalars
+    return (_CM_STATS[rule.stat], float(rule.lo), float(rule.hi), min_count,
+            float(rule.min_fraction), float(rule.max_abs), int(bool(rule.inclusive)),
+            _CM_APPLY[rule.apply_to])
 
 
 def _cm_starts_device(cupy, groups):
@@ -700,6 +707,88 @@ def group_correct_host(adu, good, groups, rule, block: int | None = None):
                                           adu, good, starts,
                                           *scalars, cm, applied)
     return cm, applied.view(np.bool_)
+
+
+# ---- calibration fused with the common mode (kernels/calibrate_cm.cu) ------------------------
+CM_SEGMENT_MAX = 1024    # kernels/calibrate_cm.cu: longest row segment
+
+
+def _segment_block(seg_len: int) -> int:
+    """Threads per (segment, event) block: one compare-exchange each per sort step."""
+    n = 1 << max(0, int(seg_len) - 1).bit_length()
+    return max(32, min(CM_BLOCK, n // 2))
+
+
+def _rows_args(xp, raw_flat, control_bits, lut, family: int, seg_len: int, rule):
+    raw, cb, lut, nbatch, npix, signed_raw, family = _calibrate_args(
+        xp, raw_flat, control_bits, lut, family)
+    seg_len = int(seg_len)
+    if not 1 <= seg_len <= CM_SEGMENT_MAX or npix % seg_len:
+        raise GpusmdError(f"calibrate_rows: segments of {seg_len} pixels do not tile a frame of "
+                          f"{npix} (at most {CM_SEGMENT_MAX} pixels each)")
+    stat, *scalars = _cm_rule_scalars(rule, seg_len)
+    if stat != _CM_STATS["median"]:
+        raise GpusmdError("calibrate_rows: the fused pass takes the median only")
+    return raw, cb, lut, nbatch, npix, signed_raw, family, npix // seg_len, scalars
+
+
+def calibrate_rows(raw_flat, control_bits, lut, family: int, seg_len: int, vote_ranges: int,
+                   rule, correct: bool, finish: bool, host: bool = False):
+    """Decode + pedestal (+ the median of each run of ``seg_len`` pixels, with ``correct``)
+    (+ mask / gain, with ``finish``) in one pass over the raw frames (B, npix), on the
+    current CuPy device or (``host``) through the host build. Returns (out (B, npix)
+    float32, calibrated with finish else ADU; good (B, npix) bool voting flags, None with
+    finish; cm (B, nseg) float32; applied (B, nseg) bool)."""
+    xp = np if host else _cupy()
+    raw, cb, lut, nbatch, npix, signed_raw, family, nseg, scalars = _rows_args(
+        xp, raw_flat, control_bits, lut, family, seg_len, rule)
+    out = xp.empty((nbatch, npix), dtype=xp.float32)
+    good = xp.empty((nbatch, npix) if not finish else (1,), dtype=xp.uint8)
+    cm = xp.zeros((nbatch, nseg), dtype=xp.float32)
+    applied = xp.zeros((nbatch, nseg), dtype=xp.uint8)
+    lo, hi, min_count, min_fraction, max_abs, inclusive, apply_all = scalars
+    if nbatch:
+        threads = _segment_block(seg_len)
+        if host:
+            host_module("calibrate_cm").launch(
+                "calibrate_rows", (nseg, nbatch), min(CM_HOST_BLOCK, threads), raw, cb, lut,
+                npix, int(seg_len), nseg, family, signed_raw, int(vote_ranges), int(correct),
+                *scalars, int(finish), out, good, cm, applied)
+        else:
+            kernel = get_function("calibrate_cm", "calibrate_rows")
+            for b0 in range(0, nbatch, CM_MAX_GRID_Y):
+                b1 = min(nbatch, b0 + CM_MAX_GRID_Y)
+                kernel((nseg, b1 - b0), (threads,),
+                       (raw[b0:b1], cb, lut, np.int64(npix), np.int32(seg_len), np.int32(nseg),
+                        np.int32(family), np.int32(signed_raw), np.int32(vote_ranges),
+                        np.int32(bool(correct)), np.float32(lo), np.float32(hi),
+                        np.int32(min_count), np.float64(min_fraction), np.float32(max_abs),
+                        np.int32(inclusive), np.int32(apply_all), np.int32(bool(finish)),
+                        out[b0:b1], good if finish else good[b0:b1], cm[b0:b1],
+                        applied[b0:b1]))
+    return (out, None if finish else good.view(xp.bool_), cm, applied.view(xp.bool_))
+
+
+def apply_gain(raw_flat, control_bits, lut, family: int, data, host: bool = False):
+    """data (B, npix) float32 ADU *= mask / gain of each pixel's gain range (decoded from
+    the raw frames again), in place, on the device or (``host``) through the host build."""
+    xp = np if host else _cupy()
+    raw, cb, lut, nbatch, npix, _, family = _calibrate_args(xp, raw_flat, control_bits, lut,
+                                                           family)
+    if data.shape != raw.shape or data.dtype != np.float32 or not data.flags.c_contiguous:
+        raise GpusmdError(f"apply_gain: data must be C-contiguous float32 {raw.shape}")
+    n = nbatch * npix
+    if n == 0:
+        return data
+    if host:
+        host_module("calibrate_cm").launch("apply_gain", -(-n // CALIBRATE_BLOCK),
+                                           CALIBRATE_BLOCK, raw, cb, lut, data, npix, n, family)
+    else:
+        blocks = min(-(-n // CALIBRATE_BLOCK), 32 * _sm_count(xp.cuda.Device().id))
+        get_function("calibrate_cm", "apply_gain")(
+            (blocks,), (CALIBRATE_BLOCK,),
+            (raw, cb, lut, data, np.int64(npix), np.int64(n), np.int32(family)))
+    return data
 
 
 # ---- projection (kernels/projection.cu) ---------------------------------------------------

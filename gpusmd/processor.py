@@ -102,9 +102,12 @@ class DetectorProcessor:
         if self.common_mode is None:
             calib = self.calibrator(raw, step)
         else:
-            adu, scale, good = self.calibrator.split(raw, step)
-            stats = self.common_mode(adu, good)
-            calib = (adu * scale).reshape(raw.shape)
+            if self.common_mode.fused:
+                calib, stats = self.calibrator.with_common_mode(raw, step, self.common_mode)
+            else:
+                adu, scale, good = self.calibrator.split(raw, step)
+                stats = self.common_mode(adu, good)
+                calib = (adu * scale).reshape(raw.shape)
             for key, value in stats.items():
                 out[f"common_mode_{key}"] = self.backend.to_host(value)
         self.sums.update(calib)

@@ -48,6 +48,7 @@
 #ifndef __CUDACC__
 #include "cuda_host.h"
 #endif
+#include "cm_median.h"
 
 #define CM_SORT_MAX 1024          // groups up to this size are sorted in shared memory
 #define CM_MAX_SIZE (1 << 24)     // largest group (float(count) is exact up to here)
@@ -56,20 +57,6 @@
 #define CM_PW_CHUNK 65536         // subtrees of at most this size are summed at once ...
 #define CM_MAX_LEAVES 599         // ... with at most 513 leaves
 #define CM_MAX_CHUNKS 848         // a 2^24 group has at most 513 subtrees
-#define CM_FLT_MAX 3.402823466e+38f
-#define CM_PAD_KEY 0xffffffffu    // above every key of a non-NaN float
-
-__device__ __forceinline__ unsigned int cm_key(float v)
-{
-    const unsigned int u = __float_as_uint(v);
-    return u ^ ((unsigned int)(-(int)(u >> 31)) | 0x80000000u);
-}
-
-__device__ __forceinline__ float cm_value(unsigned int key)
-{
-    return __uint_as_float(key ^ (((key >> 31) - 1u) | 0x80000000u));
-}
-
 __device__ __forceinline__ long long cm_offset(int k, int n_inner, long long outer_stride,
                                                long long inner_stride)
 {
@@ -280,23 +267,7 @@ extern "C" __global__ void group_correct(float* adu, const unsigned char* good,
         const int r_lo = (count - 1) / 2, r_hi = count / 2;
         unsigned int k_lo, k_hi;
         if (sorted) {
-            int n = 1;
-            while (n < count) n <<= 1;
-            for (int k = count + tid; k < n; k += nt) sh[k] = CM_PAD_KEY;
-            __syncthreads();
-            for (int len = 2; len <= n; len <<= 1) {
-                for (int j = len >> 1; j > 0; j >>= 1) {
-                    for (int t = tid; t < (n >> 1); t += nt) {
-                        const int i = 2 * t - (t & (j - 1));   // partner i + j
-                        const unsigned int a = sh[i], b = sh[i + j];
-                        if ((a > b) == ((i & len) == 0)) {
-                            sh[i] = b;
-                            sh[i + j] = a;
-                        }
-                    }
-                    __syncthreads();
-                }
-            }
+            cm_sort_keys(sh, count);
             k_lo = sh[r_lo];
             k_hi = sh[r_hi];
         } else {
@@ -341,9 +312,7 @@ extern "C" __global__ void group_correct(float* adu, const unsigned char* good,
     }
 
     // 3. decide, record, subtract
-    const float mag = fabsf(cm);
-    const bool big = inclusive ? mag > max_abs : mag >= max_abs;
-    const bool applied = enough && !big && mag <= CM_FLT_MAX;
+    const bool applied = cm_applies(enough, cm, max_abs, inclusive);
     if (!applied) cm = 0.0f;
     if (tid == 0) {
         cm_out[event * ngroups + g] = cm;

@@ -145,14 +145,19 @@ class Calibrator:
         if control_bits is not None:
             self._control_bits[step] = self.backend.asarray(control_bits.reshape(-1), np.uint8)
 
+    def control_bits(self, step: int):
+        """The epix10k control bits of a config step on the backend (None for others)."""
+        cb = self._control_bits.get(step)
+        if self.family == FAMILY_EPIX10K and cb is None:
+            raise ValueError(f"{self.model.type}: no control bits for config step {step}")
+        return cb
+
     def __call__(self, raw, step: int = 0):
         """raw: (B, *shape) on the host or the device -> (B, *shape) float32 on the backend."""
         xp = self.backend.xp
         raw = xp.asarray(raw)
         flat = raw.reshape(raw.shape[0], -1)
-        cb = self._control_bits.get(step)
-        if self.family == FAMILY_EPIX10K and cb is None:
-            raise ValueError(f"{self.model.type}: no control bits for config step {step}")
+        cb = self.control_bits(step)
         if self.backend.is_gpu:
             from ..cuda import calibrate_gpu
             out = calibrate_gpu(flat, cb, self.lut, self.family)
@@ -169,6 +174,23 @@ class Calibrator:
             self._tables[step] = tuple(self.backend.asarray(t) for t in switch_tables(
                 self.host_lut, host_cb, self.model, self.cm_ranges))
         return self._tables[step]
+
+    @property
+    def vote_ranges(self) -> int:
+        """The gain ranges that vote in the common mode, as bits (kernels/calibrate_cm.cu)."""
+        if self.cm_ranges is None:
+            return 0xFF
+        return sum(1 << g for g in self.cm_ranges)
+
+    def with_common_mode(self, raw, step: int, common_mode):
+        """Calibrated frames and the per-event common-mode statistics, the correction fused
+        into the calibration pass (``common_mode.fused``)."""
+        xp = self.backend.xp
+        raw = xp.asarray(raw)
+        cb = self.control_bits(step)
+        calib, stats = common_mode.calibrate(raw.reshape(raw.shape[0], -1), cb, self.lut,
+                                             self.family, self.vote_ranges)
+        return calib.reshape(raw.shape), stats
 
     def split(self, raw, step: int = 0):
         """(adu, scale, good), each (B, npix) on the backend, for the common-mode path:

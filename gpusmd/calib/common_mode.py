@@ -183,21 +183,55 @@ def tally(stats: dict, applied):
     stats["skipped"] = stats.get("skipped", 0) + (n - done)
 
 
-def mode7(adu, good, cmpars, ctx: ModeContext) -> dict:
-    """Banks (bit 4), then row segments (bit 1), then half-panel columns (bit 2): the
-    median of the good pixels, subtracted from the good pixels if more than npix_min
-    voted and |median| < cormax."""
+MODE7_PASSES = ((4, "bank", banks), (1, "row", bank_rows), (2, "column", half_columns))
+
+
+def mode7_rule(cmpars) -> tuple[int, Rule]:
+    """(bits, rule) of mode 7's cmpars [7, bits, cormax, npix_min]."""
     bits = int(cmpars[1]) if len(cmpars) > 1 else 0
     cormax = float(cmpars[2]) if len(cmpars) > 2 else INF
     npix_min = int(cmpars[3]) if len(cmpars) > 3 else 10
-    rule = Rule("median", min_count=npix_min + 1, max_abs=cormax, apply_to="good")
+    return bits, Rule("median", min_count=npix_min + 1, max_abs=cormax, apply_to="good")
+
+
+def mode7(adu, good, cmpars, ctx: ModeContext, skip: int = 0) -> dict:
+    """Banks (bit 4), then row segments (bit 1), then half-panel columns (bit 2): the
+    median of the good pixels, subtracted from the good pixels if more than npix_min
+    voted and |median| < cormax. The passes whose bit is in ``skip`` are left out (done
+    already, see mode7_fused)."""
+    bits, rule = mode7_rule(cmpars)
     stats: dict = {}
-    for bit, key, make in ((4, "bank", banks), (1, "row", bank_rows), (2, "column", half_columns)):
-        if bits & bit:
+    for bit, key, make in MODE7_PASSES:
+        if bits & bit & ~skip:
             groups = ctx.groups(key, lambda: make(ctx.model))
             _, applied = ctx.correct(adu, good, groups, rule)
             tally(stats, applied)
     return stats
+
+
+def mode7_fused(raw, control_bits, lut, family: int, vote_ranges: int, cmpars,
+                ctx: ModeContext):
+    """Calibration and mode 7 on the kernel engines (kernels/calibrate_cm.cu): when the
+    mode starts with the row segments, their correction is fused into the one read of the
+    raw frames (and, when it is the only pass, the gain too); the other passes follow on
+    the ADU, then the gain. Same numbers as Calibrator.split + mode7 + the multiply.
+    raw: (B, npix). Returns (calibrated (B, npix) float32, stats)."""
+    from .. import cuda
+    bits, rule = mode7_rule(cmpars)
+    host = ctx.engine == "host"
+    rows_first = bool(bits & 1) and not bits & 4
+    finish = not bits & (6 if rows_first else 7)
+    _, seg_len = bank_shape(ctx.model)
+    out, good, _, applied = cuda.calibrate_rows(raw, control_bits, lut, family, seg_len,
+                                                vote_ranges, rule, rows_first, finish, host)
+    stats: dict = {}
+    if rows_first:
+        tally(stats, applied)
+    if not finish:
+        for key, value in mode7(out, good, cmpars, ctx, skip=1 if rows_first else 0).items():
+            stats[key] = stats.get(key, 0) + value
+        cuda.apply_gain(raw, control_bits, lut, family, out, host)
+    return out, stats
 
 
 def mode_chunks(adu, good, cmpars, ctx: ModeContext) -> dict:
@@ -296,7 +330,21 @@ class CommonMode:
 
     def __call__(self, adu, good) -> dict:
         """Correct adu (B, npix) in place; returns per-event statistics (B,) arrays."""
-        stats = self.function(adu, good, self.cmpars, self.ctx)
+        return self._per_event(self.function(adu, good, self.cmpars, self.ctx), len(adu))
+
+    @property
+    def fused(self) -> bool:
+        """Whether the calibration runs fused with this correction (mode 7 on a kernel
+        engine): then ``calibrate`` replaces split + __call__ + the multiply."""
+        return self.function is mode7 and self.ctx.engine in ("kernel", "host")
+
+    def calibrate(self, raw, control_bits, lut, family: int, vote_ranges: int):
+        """Raw frames (B, npix) -> (calibrated (B, npix), per-event statistics)."""
+        calib, stats = mode7_fused(raw, control_bits, lut, family, vote_ranges, self.cmpars,
+                                   self.ctx)
+        return calib, self._per_event(stats, len(calib))
+
+    def _per_event(self, stats: dict, nbatch: int) -> dict:
         xp = self.ctx.xp
-        return {k: xp.asarray(v, dtype=xp.int32) + xp.zeros(len(adu), xp.int32)
+        return {k: xp.asarray(v, dtype=xp.int32) + xp.zeros(nbatch, xp.int32)
                 for k, v in stats.items()}

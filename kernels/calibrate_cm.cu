@@ -1,0 +1,141 @@
+// Calibration fused with the common mode (DESIGN §5, §6, §11).
+//
+// Mode 7 corrects, in ADU before the gain, the banks (bit 4), then the row segments
+// (bit 1), then the half-panel columns (bit 2). A row segment is a run of consecutive
+// pixels, so when the mode starts with the rows (codes 83 and 85 of the epix10k, 71 and 7
+// of the Jungfrau) the first pass is one read of the raw frame:
+//
+//   calibrate_rows   decode the gain range, subtract the pedestal, take the median of
+//                    the segment's voters and subtract it; then either multiply by
+//                    mask / gain (finish = 1: the rows were the only pass, the output is
+//                    calibrated) or write the ADU and the voting flags for the next pass
+//                    (finish = 0). With correct = 0 it only splits (ADU + flags): the
+//                    start of a mode that begins with banks or columns.
+//   apply_gain       after the other passes: adu * (mask / gain) of the pixel's gain
+//                    range, decoded again from the raw frame (2 bytes, not a float).
+//
+// NumPy reference: Calibrator.split, group_correct over the row segments with the same
+// Rule, then adu * scale (gpusmd.calib.common_mode.mode7); bit for bit the same numbers.
+//
+// calibrate_rows: one block per (segment, event), blockIdx.x = segment s (pixels
+// s * seg_len ... s * seg_len + seg_len - 1 of a frame: the segments tile the frame),
+// blockIdx.y = event.
+//   raw           (B, npix) uint16 (int16 read with signed_raw = 1)
+//   control_bits  (npix,) uint8 epix10k pixel control bits (any 1-element array otherwise)
+//   lut           (ngain, npix) float2 of (pedestal + offset, mask / gain)
+//   vote_ranges   bit g set: pixels in gain range g vote (and are corrected) when their
+//                 mask / gain is not 0 (DESIGN §6 "good" pixels)
+//   lo, hi, min_count, min_fraction, max_abs, inclusive, apply_all: the median rule of
+//                 kernels/common_mode.cu (a pixel votes when good and lo < adu < hi)
+//   out           (B, npix) float32: calibrated (finish = 1) or ADU
+//   good          (B, npix) uint8 voting flags (written when finish = 0)
+//   cm_out        (B, nseg) float32 correction, 0 where skipped (when correct = 1)
+//   applied_out   (B, nseg) uint8
+#ifndef __CUDACC__
+#include "cuda_host.h"
+#endif
+#include "gain_decode.h"
+#include "cm_median.h"
+
+#define CM_SEGMENT_MAX 1024       // longest row segment (shared memory: 9 bytes a pixel)
+
+extern "C" __global__ void calibrate_rows(const unsigned short* __restrict__ raw,
+                                          const unsigned char* __restrict__ control_bits,
+                                          const float2* __restrict__ lut,
+                                          long long npix, int seg_len, int nseg, int family,
+                                          int signed_raw, int vote_ranges, int correct,
+                                          float lo, float hi, int min_count,
+                                          double min_fraction, float max_abs, int inclusive,
+                                          int apply_all, int finish, float* __restrict__ out,
+                                          unsigned char* __restrict__ good, float* cm_out,
+                                          unsigned char* applied_out)
+{
+    __shared__ unsigned int keys[CM_SEGMENT_MAX];
+    __shared__ float value[CM_SEGMENT_MAX];
+    __shared__ float scale[CM_SEGMENT_MAX];
+    __shared__ unsigned char votes[CM_SEGMENT_MAX];
+    __shared__ int s_count;
+
+    const int s = blockIdx.x;
+    if (s >= nseg || seg_len < 1 || seg_len > CM_SEGMENT_MAX) return;   // uniform
+    const long long event = blockIdx.y;
+    const long long pix0 = (long long)s * seg_len;
+    const long long first = event * npix + pix0;
+    const bool epix = family == GPUSMD_FAMILY_EPIX10K;
+    const int tid = threadIdx.x, nt = blockDim.x;
+
+    // 1. decode, subtract the pedestal, gather the voters' keys
+    if (tid == 0) s_count = 0;
+    __syncthreads();
+    for (int k = tid; k < seg_len; k += nt) {
+        const unsigned short r = raw[first + k];
+        const long long i = pix0 + k;
+        const int g = gpusmd_gain_index(family, r, epix ? control_bits[i] : (unsigned char)0);
+        float pedestal = 0.0f, factor = 0.0f;
+        if (g >= 0) {
+            const float2 e = lut[(long long)g * npix + i];
+            pedestal = e.x;
+            factor = e.y;
+        }
+        const float v = gpusmd_adc(family, r, signed_raw) - pedestal;
+        const bool ok = g >= 0 && factor != 0.0f && ((vote_ranges >> g) & 1);
+        value[k] = v;
+        scale[k] = factor;
+        votes[k] = ok ? 1 : 0;
+        if (correct && ok && lo < v && v < hi) keys[atomicAdd(&s_count, 1)] = cm_key(v);
+    }
+    __syncthreads();
+
+    // 2. the segment's median and the decision (block-uniform: count is shared)
+    float cm = 0.0f;
+    bool applied = false;
+    if (correct) {
+        const int count = s_count;
+        const bool enough = count >= max(min_count, 1) &&
+                            (double)count >= min_fraction * (double)seg_len;
+        if (enough) {
+            cm_sort_keys(keys, count);
+            cm = cm_sorted_median(keys, count);
+        }
+        applied = cm_applies(enough, cm, max_abs, inclusive);
+        if (!applied) cm = 0.0f;
+        if (tid == 0) {
+            cm_out[event * nseg + s] = cm;
+            applied_out[event * nseg + s] = applied ? 1 : 0;
+        }
+    }
+
+    // 3. subtract (as the reference: value - cm * target, target 1 or 0), write
+    for (int k = tid; k < seg_len; k += nt) {
+        float v = value[k];
+        if (applied) v = v - cm * ((apply_all || votes[k]) ? 1.0f : 0.0f);
+        if (finish) {
+            out[first + k] = v * scale[k];
+        } else {
+            out[first + k] = v;
+            good[first + k] = votes[k];
+        }
+    }
+}
+
+// data (B, npix) float32 ADU -> calibrated, in place; n = B * npix, grid-stride loop.
+extern "C" __global__ void apply_gain(const unsigned short* __restrict__ raw,
+                                      const unsigned char* __restrict__ control_bits,
+                                      const float2* __restrict__ lut, float* __restrict__ data,
+                                      long long npix, long long n, int family)
+{
+    const long long stride = (long long)blockDim.x * gridDim.x;
+    long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= n) return;
+    long long i = k % npix;
+    const long long step = stride % npix;
+    const bool epix = family == GPUSMD_FAMILY_EPIX10K;
+    for (; k < n; k += stride) {
+        const int g = gpusmd_gain_index(family, __ldg(raw + k),
+                                        epix ? __ldg(control_bits + i) : (unsigned char)0);
+        const float factor = g >= 0 ? __ldg(lut + ((long long)g * npix + i)).y : 0.0f;
+        data[k] = data[k] * factor;
+        i += step;
+        if (i >= npix) i -= npix;
+    }
+}
