@@ -126,11 +126,7 @@ def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
                      f"{rate / ref_rate:.1f}" if ref_rate else ""])
 
     def calibrate():
-        if proc.common_mode is None:
-            return proc.calibrator(batch)
-        adu, scale, good = proc.calibrator.split(batch)
-        proc.common_mode(adu, good)
-        return (adu * scale).reshape(batch.shape)
+        return proc.calibrate(batch)[0]
 
     psana = psana_rate(model, cfg, proc, raw[:psana_events], cb) if recipe != "R3" else None
     add("calibration + common mode %s" % code, timed(backend, calibrate),

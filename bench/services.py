@@ -6,10 +6,19 @@ For each detector (frames of 1 MB and more): the in-process replay, then the cha
 publish -> ingest -> N workers -> sink on loopback, timed from the first event sent to
 the closed file (the processes are started and joined before the clock starts).
 
-Each is timed on the first events/4 and on all events of the run: "end to end" is the
-rate of the whole run, "steady" the rate of the difference, (N - N/4) / (t_N - t_N/4),
-which leaves out what a run costs once (loading constants, building tables, writing
-/UserDataCfg). The ratio compares the services with the in-process replay.
+"End to end" is the rate of the whole run. "Steady" leaves out what a run costs once
+(starting, loading constants, building tables, writing /UserDataCfg and closing the
+file): (N - N/4) / (t_N - t_N/4), where for the services t_x is when the sink has
+received the results of the first x events (watched on its metrics endpoint), and for
+the in-process replay the time of a whole run of x events. The ratio compares the
+services with the in-process replay. Beside the rates, the CPU time per event over the
+same steady part, of the process that does the work: the workers' (from /proc), or the
+in-process replay's own; on a machine where each worker has its core, that is what sets
+the rate.
+
+Modes: the workers of the ingest's host take their batches through shared memory (the
+default), or, with ``shared_memory: false``, over the link as workers on other hosts do
+(tcp or ipc).
 
 These machines are shared and noisy (the same replay can take 1x or 3x its time from one
 minute to the next): every repeat times all the modes one after the other, so that a
@@ -24,6 +33,8 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import prepare_run, print_table, write_results  # noqa: E402
@@ -60,31 +71,70 @@ def workers_joined(port: int, n: int, timeout=60.0):
     raise RuntimeError("workers did not join")
 
 
-def time_services(workdir: Path, raw: Path, n_workers: int, out: Path, n_events: int,
-                  affinity=None, transport: str = "tcp") -> float:
-    port = free_port()
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sink_events(port: int) -> int:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1).read()
+    for line in text.decode().splitlines():
+        if line.startswith("gpusmd_sink_events_total "):
+            return int(float(line.split()[1]))
+    return 0
+
+
+def time_services(config_path: Path, raw: Path, n_workers: int, out: Path, n_events: int,
+                  affinity=None, transport: str = "tcp") -> tuple[float, float, float, float]:
+    """One run through the services: (seconds to the closed file, the workers' CPU
+    seconds between the two marks, and the times of the marks: when the sink had the
+    results of the first n_events/4 and of all events)."""
+    port, sink_port = free_port(), free_port()
     addresses = ipc_addresses(tempfile.mkdtemp(prefix="gpusmd-ipc-")) if transport == "ipc" else None
-    with LocalServices(workdir / "run.yaml", out, n_workers, "cpu", affinity=affinity,
-                       addresses=addresses,
-                       ingest_args=["--metrics-port", str(port)]) as chain:
+    with LocalServices(config_path, out, n_workers, "cpu", affinity=affinity,
+                       addresses=addresses, ingest_args=["--metrics-port", str(port)],
+                       sink_args=["--metrics-port", str(sink_port)]) as chain:
         workers_joined(port, n_workers)
-        cfg = load_config(workdir / "run.yaml")
+        cfg = load_config(config_path)
         cfg.services.__dict__.update(chain.addresses)
+        marks = {}
+        done = threading.Event()
+
+        def watch():        # when the sink has the results of a quarter / all of the run
+            while not done.is_set():
+                try:
+                    n = sink_events(sink_port)
+                except OSError:        # not serving yet
+                    time.sleep(0.01)
+                    continue
+                for mark in (n_events // 4, n_events):
+                    if n >= mark and mark not in marks:
+                        marks[mark] = (time.perf_counter() - t0,
+                                       sum(cpu_seconds(w.pid) for w in chain.workers))
+                if len(marks) == 2:
+                    return
+                time.sleep(0.005)
+
         t0 = time.perf_counter()
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         sender = threading.Thread(target=publish, args=(raw, cfg), kwargs={"max_events": n_events})
         sender.start()
         if chain.wait_sink(600) != 0:
             raise RuntimeError("sink failed")
         seconds = time.perf_counter() - t0
+        done.set()
+        watcher.join()
         sender.join()
-    return seconds
+    (t_part, cpu_part), (t_all, cpu_all) = marks[n_events // 4], marks[n_events]
+    return seconds, cpu_all - cpu_part, t_part, t_all
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detectors", nargs="+", default=["epix10kquad", "jungfrau1M"])
     p.add_argument("--events", type=int, default=400)
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workdir", type=Path, default=None)
@@ -92,7 +142,7 @@ def main():
     from gpusmd.detectors import get_detector
     base = args.workdir or Path(tempfile.mkdtemp(prefix="gpusmd-bench-"))
     columns = ["detector", "frame MB", "mode", "events/s end to end", "events/s steady",
-               "steady vs the in-process row above"]
+               "steady vs in-process", "CPU ms/event (worker)", "CPU vs in-process"]
     rows = []
     n_all, n_part = args.events, args.events // 4
     for det in args.detectors:
@@ -100,42 +150,61 @@ def main():
         workdir = base / det
         raw = prepare_run(workdir, det, args.events, FUNCTIONS % roi_bounds(model),
                           sums="[calib, calib_max]", batch_size=args.batch_size)
-        config = load_config(workdir / "run.yaml")
+        shared = workdir / "run.yaml"
+        link = workdir / "run-link.yaml"
+        link.write_text(shared.read_text() + "services: {shared_memory: false}\n")
+        config = load_config(shared)
+
+        def in_process_once(n):
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            replay(raw, config, workdir / "inproc.h5", get_backend("cpu"), progress=False,
+                   max_events=n)
+            return time.perf_counter() - t0, time.process_time() - cpu0
 
         def in_process(n):
-            return _timed(lambda: replay(raw, config, workdir / "inproc.h5", get_backend("cpu"),
-                                         progress=False, max_events=n))
+            """(seconds, CPU seconds) of a run of n events and of one of n/4: the steady
+            part is the difference."""
+            return (*in_process_once(n), *in_process_once(n // 4))
 
-        modes = [("in-process", in_process, True)]
-        for w in args.workers:
-            for transport in ("tcp", "ipc"):
-                modes.append((f"services, {w} worker(s), {transport}",
-                              lambda n, w=w, t=transport: time_services(
-                                  workdir, raw, w, workdir / f"svc{w}.h5", n, transport=t),
-                              False))
+        def services(path, workers, transport="tcp", affinity=None):
+            return lambda n: time_services(path, raw, workers, workdir / "svc.h5", n,
+                                           affinity, transport)
+
+        modes = [("in-process", in_process, True),
+                 ("services, 1 worker, shared memory", services(shared, 1), False),
+                 ("services, 2 workers, shared memory", services(shared, 2), False),
+                 ("services, 1 worker, frames over tcp", services(link, 1), False),
+                 ("services, 1 worker, frames over ipc", services(link, 1, "ipc"), False)]
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) >= 2:
-            # the cost on the worker's core: the worker alone on one CPU, the other services
-            # and the publisher on the others, against the in-process replay on that CPU
+            # the worker alone on one CPU, the other services and the publisher on the
+            # others, against the in-process replay on that CPU
             work, rest = {cpus[-1]}, set(cpus[:-1])
             modes.append((f"in-process, on CPU {cpus[-1]}", pinned(in_process, work), True))
             modes.append((f"services, 1 worker on CPU {cpus[-1]}, the rest on the others",
-                          pinned(lambda n: time_services(
-                              workdir, raw, 1, workdir / "svc_pinned.h5", n,
-                              {"worker": work, "ingest": rest, "sink": rest}), rest), False))
+                          pinned(services(shared, 1, affinity={"worker": work, "ingest": rest,
+                                                               "sink": rest}), rest), False))
         mb = model.raw_nbytes / 1e6
-        best = {}
+        results = {name: [] for name, _, _ in modes}
         for _ in range(args.repeat):
             for name, timer, _ in modes:
-                for n in (n_part, n_all):
-                    best[name, n] = min(best.get((name, n), float("inf")), timer(n))
+                results[name].append(timer(n_all))
         reference = None
         for name, _, is_reference in modes:
-            t_all, t_part = best[name, n_all], best[name, n_part]
-            steady = (n_all - n_part) / max(1e-9, t_all - t_part)
-            reference = steady if is_reference else reference
-            rows.append([det, f"{mb:.2f}", name, f"{n_all / t_all:.1f}", f"{steady:.1f}",
-                         f"{steady / reference:.2f}"])
+            r = np.array(results[name])
+            if is_reference:        # separate runs: the best of each, then the difference
+                seconds, cpu_all, t_part, cpu_part = r.min(axis=0)
+                steady_seconds, cpu = seconds - t_part, cpu_all - cpu_part
+            else:                   # marks of one run
+                seconds, cpu = r[:, 0].min(), r[:, 1].min()
+                steady_seconds = (r[:, 3] - r[:, 2]).min()
+            steady = (n_all - n_part) / max(1e-9, steady_seconds)
+            cpu_ms = 1e3 * cpu / (n_all - n_part)
+            if is_reference:
+                reference = (steady, cpu_ms)
+            rows.append([det, f"{mb:.2f}", name, f"{n_all / seconds:.1f}", f"{steady:.1f}",
+                         f"{steady / reference[0]:.2f}", f"{cpu_ms:.2f}",
+                         f"{cpu_ms / reference[1]:.2f}"])
         print_table(columns, rows)
     md = write_results("services-cpu", "Service throughput vs in-process replay (CPU backend)",
                        columns, rows, notes=f"`python bench/services.py --events {args.events} "
@@ -143,7 +212,9 @@ def main():
                        f"{args.repeat} repeats, each timing every mode in turn. The services are "
                        "timed from the first event sent to the closed file, the in-process "
                        "replay from its call to its return; 'steady' leaves out the once-per-run "
-                       "costs (see the script's docstring).")
+                       "costs, the CPU columns are the working process's CPU time per event "
+                       "(steady); the ratios compare with the in-process row above (see the "
+                       "script's docstring).")
     print(f"wrote {md}")
 
 
@@ -157,12 +228,6 @@ def pinned(timer, cpus):
         finally:
             os.sched_setaffinity(0, before)
     return run
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -41,6 +41,24 @@ class Backend:
             return self.xp.asnumpy(a)
         return np.asarray(a)
 
+    def to_host_all(self, arrays: dict) -> dict:
+        """{name: NumPy array} of many small results: on a GPU every copy is queued on
+        the current stream, into pinned memory, and the host waits once for them all."""
+        if not self.is_gpu:
+            return {key: np.asarray(a) for key, a in arrays.items()}
+        import cupyx
+        stream = self.xp.cuda.get_current_stream()
+        out = {}
+        for key, a in arrays.items():
+            if isinstance(a, np.ndarray):
+                out[key] = a
+                continue
+            a = self.xp.ascontiguousarray(a)
+            out[key] = cupyx.empty_pinned(a.shape, a.dtype)
+            a.get(stream=stream, out=out[key], blocking=False)
+        stream.synchronize()
+        return out
+
 
 def get_backend(name: str | None = None) -> Backend:
     """Choose the backend once: ``auto`` takes the GPU when CuPy finds a device.

@@ -107,6 +107,7 @@ class ServicesConfig:
     hwm: int = 64                   # high-water mark (messages) of every socket
     log_every_s: float = 5.0
     curve_keys: Path | None = None  # directory from `gpusmd keys`: CurveZMQ on every link
+    shared_memory: bool = True      # batches to the workers of the ingest's host through /dev/shm
 
 
 def parse_services(d, where: Where, base_dir: Path) -> ServicesConfig:
@@ -126,6 +127,8 @@ def parse_services(d, where: Where, base_dir: Path) -> ServicesConfig:
             if not value.is_dir():
                 raise (where / key).error(f"keys directory {value} not found "
                                           f"(make one with `gpusmd keys`)")
+        elif isinstance(default, bool):
+            check_type(value, (bool,), where / key, "true or false")
         else:
             check_type(value, (int, float) if isinstance(default, float) else (int,),
                        where / key, "a number")

@@ -710,7 +710,7 @@ def group_correct_host(adu, good, groups, rule, block: int | None = None):
 
 
 # ---- calibration fused with the common mode (kernels/calibrate_cm.cu) ------------------------
-CM_SEGMENT_MAX = 1024    # kernels/calibrate_cm.cu: longest row segment
+CM_SEGMENT_MAX = 256     # kernels/calibrate_cm.cu: longest row segment
 
 
 def _segment_block(seg_len: int) -> int:

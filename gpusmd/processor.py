@@ -93,23 +93,26 @@ class DetectorProcessor:
         if self._calibrator is not None:
             self._calibrator.set_control_bits(step, control_bits)
 
+    def calibrate(self, raw, step: int = 0):
+        """Raw frames (B, *shape) -> (calibrated frames on the backend, per-event
+        common-mode statistics {"corrected", "skipped"}: empty without a common mode)."""
+        if self.common_mode is None:
+            return self.calibrator(raw, step), {}
+        if self.common_mode.fused:         # mode 7 on a GPU: one pass over the raw frames
+            return self.calibrator.with_common_mode(raw, step, self.common_mode)
+        adu, scale, good = self.calibrator.split(raw, step)
+        stats = self.common_mode(adu, good)
+        return (adu * scale).reshape(raw.shape), stats
+
     def process(self, raw: np.ndarray, step: int = 0) -> dict[str, np.ndarray]:
         """Raw frames (B, *shape) of one config step -> {"<func>_<field>": (B, ...)}."""
         if raw.shape[1:] != self.model.shape:
             raise FrameError(f"{self.cfg.name}: frames of shape {raw.shape[1:]}, "
                               f"a {self.model.type} has {self.model.shape}")
-        out = {}
-        if self.common_mode is None:
-            calib = self.calibrator(raw, step)
-        else:
-            if self.common_mode.fused:
-                calib, stats = self.calibrator.with_common_mode(raw, step, self.common_mode)
-            else:
-                adu, scale, good = self.calibrator.split(raw, step)
-                stats = self.common_mode(adu, good)
-                calib = (adu * scale).reshape(raw.shape)
-            for key, value in stats.items():
-                out[f"common_mode_{key}"] = self.backend.to_host(value)
+        out, on_backend = {}, {}
+        calib, stats = self.calibrate(raw, step)
+        for key, value in stats.items():
+            on_backend[f"common_mode_{key}"] = value
         self.sums.update(calib)
         self.last_calib = calib            # for the user functions of the batch
         for feature in self.features:
@@ -119,7 +122,8 @@ class DetectorProcessor:
                 if isinstance(value, Ragged):
                     out[f"var_{feature.name}"] = value.to_host(self.backend)
                 else:
-                    out[f"{feature.name}_{field}"] = self.backend.to_host(value)
+                    on_backend[f"{feature.name}_{field}"] = value
+        out.update(self.backend.to_host_all(on_backend))   # one wait for all of them
         return out
 
     def user_data_cfg(self) -> dict:

@@ -120,11 +120,17 @@ def provenance(config: Config, backend: str, raw_path, experiment: str, run: int
             "experiment": experiment, "run": run}
 
 
-def write_run_items(writer: SmallDataWriter, procs, attrs: dict):
-    """/UserDataCfg, /Sums and the provenance attributes, once per run."""
+def write_user_data_cfg(writer: SmallDataWriter, procs):
+    """/UserDataCfg: constants, masks, parameters. Known before the first event, written
+    first (a reader of the growing file sees them, and the end of a run is shorter)."""
     for det, proc in procs.items():
         for key, value in proc.user_data_cfg().items():
             writer.write(f"UserDataCfg/{det}/{key}", value)
+
+
+def write_run_end(writer: SmallDataWriter, procs, attrs: dict):
+    """/Sums and the provenance attributes, once the run is over."""
+    for det, proc in procs.items():
         for key, value in proc.run_sums().items():
             writer.write(f"Sums/{det}_{key}", value)
             writer.set_attrs({"n_events": proc.sums.n_events}, f"Sums/{det}_{key}")
@@ -145,6 +151,7 @@ def replay(raw_path, config: Config, out_path, backend: Backend | None = None,
         writer = SmallDataWriter(out_path, config.compression)
         t0 = time.perf_counter()
         try:
+            write_user_data_cfg(writer, procs)
             with tqdm(total=n, unit="ev", disable=not progress, desc=out_path.name) as bar:
                 if backend.is_gpu:       # batch k+1 crosses the bus while k is processed
                     from .gpu_pipeline import run_batches
@@ -160,8 +167,8 @@ def replay(raw_path, config: Config, out_path, backend: Backend | None = None,
                         writer.append(process_batch(procs, run, start, stop, scalars, config))
                         bar.update(stop - start)
             seconds = time.perf_counter() - t0
-            write_run_items(writer, procs, provenance(config, backend.name, run.path,
-                                                      run.experiment, run.run))
+            write_run_end(writer, procs, provenance(config, backend.name, run.path,
+                                                    run.experiment, run.run))
             datasets = []
             writer.f.visititems(lambda name, obj: datasets.append(name)
                                 if hasattr(obj, "shape") else None)

@@ -37,7 +37,7 @@
 #include "gain_decode.h"
 #include "cm_median.h"
 
-#define CM_SEGMENT_MAX 1024       // longest row segment (shared memory: 9 bytes a pixel)
+#define CM_SEGMENT_MAX 256        // longest row segment (bank rows: 48 to 96); 13 bytes a pixel of shared memory
 
 extern "C" __global__ void calibrate_rows(const unsigned short* __restrict__ raw,
                                           const unsigned char* __restrict__ control_bits,

@@ -80,13 +80,19 @@ def read_log(d, out, name):
     return (d / f"logs_{out.stem}" / f"{name}.log").read_text()
 
 
-def test_services_equal_in_process(setup):
-    out = setup / "services.h5"
-    chain, status = run_chain(setup, out)
+@pytest.mark.parametrize("shared_memory", [True, False])
+def test_services_equal_in_process(setup, shared_memory):
+    """Batches to the workers through shared memory (the ingest's host) or over the link
+    (as to workers on other hosts): the same file."""
+    config = "run.yaml" if shared_memory else "link.yaml"
+    (setup / "link.yaml").write_text(textwrap.dedent(CONFIG) + "  shared_memory: false\n")
+    out = setup / f"services_{config[:-5]}.h5"
+    chain, status = run_chain(setup, out, config=config)
     assert status == 0
     assert_same_datasets(out, setup / "reference.h5")
     with h5py.File(out, "r") as f:
         assert f.attrs["via"] == "services" and len(f["errors/event_id"]) == 0
+    assert ("batches through shared memory" in read_log(setup, out, "ingest")) == shared_memory
 
 
 def test_worker_killed_mid_run(setup):

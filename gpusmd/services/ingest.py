@@ -24,6 +24,7 @@ from ..runinfo import RunInfo
 from .common import open_socket
 from .metrics import Metrics
 from .protocol import ProtocolError, decode, encode, pack
+from .shm import Slot, SlotPool, host_key
 
 log = logging.getLogger("gpusmd.ingest")
 
@@ -31,9 +32,25 @@ log = logging.getLogger("gpusmd.ingest")
 @dataclass
 class Batch:
     id: int
-    frames: list            # the message to a worker, ready to send
+    header: dict
     event_ids: list
     nbytes: int
+    frames: list | None = None     # the events' frames as received ...
+    descriptors: list | None = None
+    slot: Slot | None = None       # ... or in a shared-memory slot
+
+    def message(self, shared: bool) -> list:
+        """The message to a worker: the frames, or (``shared``) where the slot is."""
+        if self.slot is None:
+            return pack(self.header, self.descriptors, self.frames)
+        if shared:
+            return pack({**self.header, "shm": self.slot.describe()}, [], [])
+        descriptors, frames = [], []
+        for i in range(self.slot.n):
+            for det, frame in self.slot.event_frames(i).items():
+                descriptors.append([f"{i}/{det}", frame.dtype.str, list(frame.shape)])
+                frames.append(memoryview(frame).cast("B"))
+        return pack(self.header, descriptors, frames)
 
 
 @dataclass
@@ -43,6 +60,7 @@ class Worker:
     last_seen: float = field(default_factory=time.monotonic)
     run_sent: int | None = None
     batches: set = field(default_factory=set)
+    shared: bool = False       # sees the ingest's shared memory
 
 
 class Ingest:
@@ -60,6 +78,9 @@ class Ingest:
         self.sink = open_socket(self.ctx, zmq.PUSH, s.sink_in, False, s)
         self.metrics = Metrics("ingest", s.log_every_s, metrics_port)
         self.workers: dict[str, Worker] = {}
+        self.host = host_key() if s.shared_memory else None
+        self.slots = SlotPool() if self.host else None
+        self.slot: Slot | None = None              # the slot of the batch being filled
         self.reset_run()
 
     # ---- run state ----------------------------------------------------------------
@@ -153,6 +174,12 @@ class Ingest:
         h = msg.header
         self.last_event = h["event"]
         nbytes = sum(a.nbytes for a in msg.arrays.values())
+        if self.slots is not None:     # into shared memory now, the message is let go
+            if self.slot is None:
+                self.slot = self.slots.take({det: (m.dtype, m.shape) for det, m in
+                                             self.info.detectors.items()}, self.batch_size)
+            self.slot.add(msg.arrays)
+            msg = type(msg)(msg.header, {})
         self.current.append((msg, h["event"], nbytes))
         self.metrics.inc("events")
         self.metrics.inc("bytes_in", nbytes)
@@ -170,12 +197,14 @@ class Ingest:
             events.append({"event": event, "timestamp": h["timestamp"],
                            "scalars": {n: h["scalars"][n] for n in self.info.scalars},
                            "steps": h.get("steps") or {}})
-            for (name, dtype, shape), frame in zip(h["arrays"], msg.frames[1:]):
-                descriptors.append([f"{i}/{name}", dtype, shape])
-                frames.append(frame)
+            if self.slot is None:
+                for (name, dtype, shape), frame in zip(h["arrays"], msg.frames[1:]):
+                    descriptors.append([f"{i}/{name}", dtype, shape])
+                    frames.append(frame)
         header = {"kind": "batch", "run": self.info.run, "batch": self.next_batch, "events": events}
-        batch = Batch(self.next_batch, pack(header, descriptors, frames),
-                      [e["event"] for e in events], sum(e[2] for e in self.current))
+        batch = Batch(self.next_batch, header, [e["event"] for e in events],
+                      sum(e[2] for e in self.current), frames, descriptors, self.slot)
+        self.slot = None
         self.pending.append(batch)
         self.n_events += len(events)
         self.next_batch += 1
@@ -208,6 +237,11 @@ class Ingest:
         w.last_seen = time.monotonic()
         if msg.kind == "ready":
             w.credit += int(msg.header.get("credit", 1))
+            shared = self.host is not None and msg.header.get("host") == self.host
+            if shared != w.shared:
+                log.info("worker %s: batches through %s", name,
+                         "shared memory" if shared else "the link")
+            w.shared = shared
 
     def dispatch(self):
         while (self.pending and self.info is not None
@@ -222,8 +256,8 @@ class Ingest:
                     self.work.send_multipart([w.name.encode(), *self.run_frames],
                                              copy=False, flags=zmq.NOBLOCK)
                     w.run_sent = self.info.run
-                self.work.send_multipart([w.name.encode(), *batch.frames], copy=False,
-                                         flags=zmq.NOBLOCK)
+                self.work.send_multipart([w.name.encode(), *batch.message(w.shared)],
+                                         copy=False, flags=zmq.NOBLOCK)
             except zmq.ZMQError as e:         # gone (unroutable) or full: not this one now
                 log.warning("cannot send to worker %s (%s)", w.name, e)
                 w.credit = 0
@@ -257,8 +291,17 @@ class Ingest:
             w = self.workers.get(done[1])
             if w is not None:
                 w.batches.discard(b)
+            self.let_go(done[0])
         else:       # acknowledged by the sink after a re-send was queued: drop it
+            for x in [x for x in self.pending if x.id == b]:
+                self.let_go(x)
             self.pending = deque(x for x in self.pending if x.id != b)
+
+    def let_go(self, batch: Batch):
+        """A batch the sink has: its slot takes the next batch."""
+        if batch.slot is not None:
+            self.slots.give(batch.slot)
+            batch.slot = None
 
     def maybe_end_run(self) -> bool:
         if not (self.source_done and not self.current and not self.pending and not self.in_flight):
@@ -316,3 +359,5 @@ class Ingest:
         self.metrics.close()
         for s in (self.source, self.work, self.acks, self.sink):
             s.close()
+        if self.slots is not None:
+            self.slots.close()

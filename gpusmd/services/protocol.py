@@ -11,8 +11,10 @@ Kinds (what a service sends -> to whom):
                steps {det: step}; arrays: one raw frame per detector, named by detector
     end        publisher -> ingest -> sink, workers   run (+ totals from the ingest)
     batch      ingest -> worker       run, batch, events [{event, timestamp, scalars, steps}];
-               arrays: the events' frames, named "<index>/<det>"
-    ready      worker -> ingest       worker, credit (batches it can take)
+               arrays: the events' frames, named "<index>/<det>"; or, to a worker on
+               the ingest's host, none and "shm": where the frames lie (services/shm.py)
+    ready      worker -> ingest       worker, credit (batches it can take), host (the
+               shared memory it sees, services/shm.host_key)
     heartbeat  worker -> ingest       worker
     result     worker -> sink         run, batch, worker, events, timestamps, scalars
                {name: [values]}, errors [[event, reason]]; arrays: per-event columns
@@ -49,6 +51,8 @@ class Message:
     header: dict
     arrays: dict[str, np.ndarray]
     frames: list | None = None     # the frames received, to forward without copying
+    stacked: dict | None = None    # a batch from shared memory: {det: (n, *shape)}
+    problem: str | None = None     # why a batch's frames could not be read
 
     @property
     def kind(self) -> str:
@@ -95,7 +99,7 @@ def decode(frames) -> Message:
                             event)
     arrays = {}
     for d, frame in zip(desc, frames[1:]):
-        name, dtype, shape = _check_descriptor(d, event)
+        name, dtype, shape = check_descriptor(d, event)
         buf = frame_bytes(frame)
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if buf.nbytes != expected:
@@ -106,7 +110,7 @@ def decode(frames) -> Message:
     return Message(head, arrays, list(frames))
 
 
-def _check_descriptor(d, event):
+def check_descriptor(d, event):
     try:
         name, dtype, shape = d
         dtype = np.dtype(dtype)

@@ -20,7 +20,7 @@ from ..config import Config
 from ..errors import GpusmdError
 from ..features import unflatten_columns
 from ..io.output import SmallDataWriter
-from ..replay import build_processors, provenance, write_run_items
+from ..replay import build_processors, provenance, write_run_end, write_user_data_cfg
 from ..runinfo import RunInfo
 from .common import open_socket
 from .metrics import Metrics
@@ -39,6 +39,7 @@ class RunWriter:
         # the sink's own processors (CPU) give UserDataCfg and merge the workers' sums
         self.procs = build_processors(config, info, get_backend("cpu"))
         self.writer = SmallDataWriter(path, config.compression)
+        write_user_data_cfg(self.writer, self.procs)
         self.results: dict[int, object] = {}
         self.next_batch = 0
         self.end: dict | None = None
@@ -96,8 +97,8 @@ class RunWriter:
         self.writer.end_swmr()
         attrs = provenance(config, "+".join(sorted(self.backends)) or "none", self.info.source,
                            self.info.experiment, self.info.run)
-        write_run_items(self.writer, self.procs, {**attrs, "n_errors": self.n_errors,
-                                                  "via": "services"})
+        write_run_end(self.writer, self.procs, {**attrs, "n_errors": self.n_errors,
+                                                "via": "services"})
         self.writer.close()
         log.info("run %d written to %s: %d events, %d errors", self.info.run, self.path,
                  self.n_written, self.n_errors)

@@ -30,6 +30,7 @@ from ..runinfo import RunInfo
 from .common import open_socket
 from .metrics import Metrics
 from .protocol import ProtocolError, decode, encode
+from .shm import SlotReader, host_key
 
 log = logging.getLogger("gpusmd.worker")
 
@@ -121,6 +122,8 @@ class Worker:
         self._stop = threading.Event()
         self.stager = (GpuStager(config.batch_size, device)
                        if device is not None or backend.is_gpu else None)
+        self.host = host_key() if self.cfg.shared_memory else None
+        self.shared = SlotReader() if self.host else None
 
     def heartbeat(self):
         hb = open_socket(self.ctx, zmq.DEALER, self.cfg.ingest_work, False, self.cfg,
@@ -132,7 +135,8 @@ class Worker:
             hb.close(linger=0)
 
     def send_ready(self, credit: int):
-        self.work.send_multipart(encode({"kind": "ready", "worker": self.name, "credit": credit}))
+        self.work.send_multipart(encode({"kind": "ready", "worker": self.name, "credit": credit,
+                                         "host": self.host}))
 
     def on_begin_run(self, msg):
         info = RunInfo.from_message(msg.header, msg.arrays)
@@ -182,6 +186,10 @@ class Worker:
                 if good:
                     if staged.k is not None:       # on the device, copied ahead
                         frames = self.stager.get(staged.k)
+                    elif msg.stacked is not None:       # shared memory: no copy
+                        whole = len(good) == len(events)
+                        frames = {det: msg.stacked[det] if whole else msg.stacked[det][good]
+                                  for det in procs}
                     else:
                         frames = {det: np.stack([msg.arrays[f"{i}/{det}"] for i in good])
                                   for det in procs}
@@ -226,7 +234,7 @@ class Worker:
                     problem = f"{det}: missing frame or wrong shape / dtype"
                     break
             if problem:
-                bad.append([e["event"], "worker", problem])
+                bad.append([e["event"], "worker", msg.problem or problem])
             else:
                 good.append(i)
         return good, bad
@@ -240,10 +248,25 @@ class Worker:
         except ProtocolError as e:
             log.warning("bad message from the ingest: %s", e)
             return None
+        if msg.kind == "batch" and "shm" in msg.header:
+            self.read_shared(msg)
         staged = None
         if msg.kind == "batch" and self.stager is not None:
             staged = self.prepare(msg)
         return msg, staged
+
+    def read_shared(self, msg):
+        """A batch whose frames lie in the ingest's shared memory: its arrays, as views."""
+        try:
+            if self.shared is None:
+                raise ProtocolError("a shared-memory batch, but this worker has none")
+            msg.stacked = self.shared.arrays(msg.header["shm"])
+        except ProtocolError as e:
+            log.error("batch %s: %s", msg.header.get("batch"), e)
+            msg.problem = str(e)
+            return
+        msg.arrays = {f"{i}/{det}": frames[i] for det, frames in msg.stacked.items()
+                      for i in range(len(frames))}
 
     def run(self):
         beat = threading.Thread(target=self.heartbeat, daemon=True)
@@ -287,6 +310,8 @@ class Worker:
     def close(self):
         if self.stager is not None:
             self.stager.close()
+        if self.shared is not None:
+            self.shared.close()
         self.metrics.close()
         self.work.close()
         self.sink.close()
