@@ -94,3 +94,28 @@ def test_host_key_names_boot_mount_and_user(tmp_path):
     key = host_key(tmp_path)
     assert key is not None and key.endswith(f":{os.getuid()}")
     assert key != host_key(tmp_path / "..")             # another directory, another key
+
+
+def test_a_full_shared_memory_sends_the_batch_over_the_link(pool, tmp_path, monkeypatch):
+    """No room in /dev/shm: no file is left behind, and the ingest sends that batch's
+    frames over the link instead of stopping (a tmpfs page written past the limit would
+    kill it with SIGBUS, hence the pages are taken when the slot is made)."""
+    import errno
+    from types import SimpleNamespace
+
+    from gpusmd.services.ingest import Ingest
+    from gpusmd.services.metrics import Metrics
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError):
+        pool.take(LAYOUT, 4)
+    assert not list(tmp_path.glob(f"{PREFIX}*"))
+    model = SimpleNamespace(dtype=np.uint16, shape=(1, 8, 16))
+    ingest = SimpleNamespace(slots=pool, batch_size=4, next_batch=3,
+                             info=SimpleNamespace(detectors={"jf": model}),
+                             metrics=Metrics("ingest", 60.0, None))
+    assert Ingest.take_slot(ingest) is None
+    assert ingest.metrics.get("shm_full") == 1

@@ -174,10 +174,9 @@ class Ingest:
         h = msg.header
         self.last_event = h["event"]
         nbytes = sum(a.nbytes for a in msg.arrays.values())
-        if self.slots is not None:     # into shared memory now, the message is let go
-            if self.slot is None:
-                self.slot = self.slots.take({det: (m.dtype, m.shape) for det, m in
-                                             self.info.detectors.items()}, self.batch_size)
+        if self.slots is not None and not self.current:     # a new batch: a slot for it
+            self.slot = self.take_slot()
+        if self.slot is not None:      # into shared memory now, the message is let go
             self.slot.add(msg.arrays)
             msg = type(msg)(msg.header, {})
         self.current.append((msg, h["event"], nbytes))
@@ -187,6 +186,18 @@ class Ingest:
             self.current_since = time.monotonic()
         if len(self.current) >= self.batch_size:
             self.close_batch()
+
+    def take_slot(self) -> Slot | None:
+        """A shared-memory slot for the next batch; None (the batch goes over the link)
+        when /dev/shm has no room for it."""
+        layout = {det: (m.dtype, m.shape) for det, m in self.info.detectors.items()}
+        try:
+            return self.slots.take(layout, self.batch_size)
+        except OSError as e:
+            self.metrics.inc("shm_full")
+            log.warning("no room in shared memory for batch %d (%s): it goes over the link",
+                        self.next_batch, e)
+            return None
 
     def close_batch(self):
         if not self.current:

@@ -61,8 +61,13 @@ class Slot:
                              * self.capacity)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, max(size, 1))
+            # the pages are taken now: a full /dev/shm is an error here (ENOSPC), not a
+            # SIGBUS at the first write into an unbacked page
+            os.posix_fallocate(fd, 0, max(size, 1))
             self.map = mmap.mmap(fd, max(size, 1), flags=mmap.MAP_SHARED | POPULATE)
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         self.offsets = offsets
