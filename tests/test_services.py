@@ -93,6 +93,8 @@ def test_services_equal_in_process(setup, shared_memory):
     with h5py.File(out, "r") as f:
         assert f.attrs["via"] == "services" and len(f["errors/event_id"]) == 0
     assert ("batches through shared memory" in read_log(setup, out, "ingest")) == shared_memory
+    workers = read_log(setup, out, "worker0") + read_log(setup, out, "worker1")
+    assert ("frames read from shared memory" in workers) == shared_memory
 
 
 def test_worker_killed_mid_run(setup):

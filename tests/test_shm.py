@@ -114,7 +114,7 @@ def test_a_full_shared_memory_sends_the_batch_over_the_link(pool, tmp_path, monk
         pool.take(LAYOUT, 4)
     assert not list(tmp_path.glob(f"{PREFIX}*"))
     model = SimpleNamespace(dtype=np.uint16, shape=(1, 8, 16))
-    ingest = SimpleNamespace(slots=pool, batch_size=4, next_batch=3,
+    ingest = SimpleNamespace(slots=pool, batch_size=4, next_batch=3, workers={},
                              info=SimpleNamespace(detectors={"jf": model}),
                              metrics=Metrics("ingest", 60.0, None))
     assert Ingest.take_slot(ingest) is None

@@ -174,7 +174,8 @@ class Ingest:
         h = msg.header
         self.last_event = h["event"]
         nbytes = sum(a.nbytes for a in msg.arrays.values())
-        if self.slots is not None and not self.current:     # a new batch: a slot for it
+        if (self.slots is not None and not self.current       # a new batch: a slot for it,
+                and any(w.shared for w in self.workers.values())):  # when a worker can read it
             self.slot = self.take_slot()
         if self.slot is not None:      # into shared memory now, the message is let go
             self.slot.add(msg.arrays)
@@ -195,8 +196,9 @@ class Ingest:
             return self.slots.take(layout, self.batch_size)
         except OSError as e:
             self.metrics.inc("shm_full")
-            log.warning("no room in shared memory for batch %d (%s): it goes over the link",
-                        self.next_batch, e)
+            (log.debug if self.metrics.get("shm_full") > 1 else log.warning)(
+                "no room in shared memory for batch %d (%s): it goes over the link (so will "
+                "others, counted in shm_full)", self.next_batch, e)
             return None
 
     def close_batch(self):

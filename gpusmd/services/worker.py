@@ -267,6 +267,9 @@ class Worker:
             return
         msg.arrays = {f"{i}/{det}": frames[i] for det, frames in msg.stacked.items()
                       for i in range(len(frames))}
+        self.metrics.inc("shared_batches")
+        if self.metrics.get("shared_batches") == 1:
+            log.info("batch %s: frames read from shared memory", msg.header.get("batch"))
 
     def run(self):
         beat = threading.Thread(target=self.heartbeat, daemon=True)
