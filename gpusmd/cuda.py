@@ -791,6 +791,44 @@ def apply_gain(raw_flat, control_bits, lut, family: int, data, host: bool = Fals
     return data
 
 
+# ---- per-run sum images (kernels/run_sums.cu) --------------------------------------------------
+RUN_SUMS_MAX = 8         # kernels/run_sums.cu: sums added per launch
+RUN_SUMS_BLOCK = 256
+
+
+def run_sums(calib, sum_keys, acc, host: bool = False):
+    """Add a batch (B, *shape) of calibrated frames to the accumulators ``acc``
+    (gpusmd.features.sums.Accumulators, on the backend) in one read of the batch per
+    RUN_SUMS_MAX sums, on the current CuPy device or (``host``) through the host build."""
+    from .features.sums import sum_kind
+    xp = np if host else _cupy()
+    flat = xp.ascontiguousarray(calib, dtype=xp.float32).reshape(len(calib), -1)
+    nbatch, npix = flat.shape
+    sums = acc.stack.reshape(len(sum_keys), npix)
+    maxima = acc.maxima.reshape(npix) if acc.maxima is not None else xp.zeros(1, xp.float32)
+    has_max = int(acc.maxima is not None)
+    if npix == 0 or not (sum_keys or has_max):
+        return
+    kinds = [sum_kind(key) for key in sum_keys] or [(0, 0.0)]
+    for k0 in range(0, max(1, len(sum_keys)), RUN_SUMS_MAX):
+        chunk = kinds[k0:k0 + RUN_SUMS_MAX]
+        nsums = min(len(sum_keys) - k0, RUN_SUMS_MAX)   # 0: only the maxima
+        kind = xp.asarray([c[0] for c in chunk], dtype=xp.int32)
+        thr = xp.asarray([c[1] for c in chunk], dtype=xp.float32)
+        rows = sums[k0:k0 + max(nsums, 1)] if nsums else xp.zeros((1, npix), xp.float64)
+        first_max = has_max if k0 == 0 else 0
+        blocks = -(-npix // RUN_SUMS_BLOCK)
+        if host:
+            host_module("run_sums").launch("run_sums", blocks, RUN_SUMS_BLOCK, flat, nbatch,
+                                           npix, nsums, kind, thr, rows, first_max, maxima)
+        else:
+            blocks = min(blocks, 32 * _sm_count(xp.cuda.Device().id))
+            get_function("run_sums", "run_sums")(
+                (blocks,), (RUN_SUMS_BLOCK,),
+                (flat, np.int64(nbatch), np.int64(npix), np.int32(nsums), kind, thr, rows,
+                 np.int32(first_max), maxima))
+
+
 # ---- projection (kernels/projection.cu) ---------------------------------------------------
 PROJECT_BLOCK = 256
 PJ_LO, PJ_HI, PJ_SINGLE, PJ_MEAN, PJ_MASK = 1, 2, 4, 8, 16

@@ -12,24 +12,56 @@ def _threshold(key: str, prefix: str) -> float:
     return float(key[len(prefix):] or 0)
 
 
+# the kinds of kernels/run_sums.cu, by key prefix (calib_max is kept apart)
+SUM_KINDS = (("calib_square", 1), ("calib_thresADU", 2), ("calib_nhits", 3), ("calib", 0))
+
+
+def sum_kind(key: str) -> tuple[int, float]:
+    """(kind, threshold) of a sum key for kernels/run_sums.cu."""
+    for prefix, kind in SUM_KINDS:
+        if key == prefix or (kind in (2, 3) and key.startswith(prefix)):
+            return kind, _threshold(key, prefix)
+    raise KeyError(key)
+
+
+class Accumulators:
+    """One set of run-sum accumulators: the sums as rows of one (nsums, *shape) float64
+    array ``stack`` (one kernel adds them all), calib_max apart in float32 (``maxima``);
+    ``views`` by key."""
+
+    def __init__(self, keys, sum_keys, shape, xp):
+        self.stack = xp.zeros((len(sum_keys), *shape), dtype=xp.float64)
+        self.maxima = (xp.full(shape, -np.inf, dtype=xp.float32) if "calib_max" in keys
+                       else None)
+        rows = {key: self.stack[k] for k, key in enumerate(sum_keys)}
+        self.views = {key: self.maxima if key == "calib_max" else rows[key] for key in keys}
+
+    def reset(self):
+        self.stack.fill(0)
+        if self.maxima is not None:
+            self.maxima.fill(-np.inf)
+
+
 class RunSums:
     def __init__(self, keys, shape, backend):
         self.keys = list(keys)
         self.shape = tuple(shape)
         self.backend = backend
-        self.acc = self._fresh()
+        self.sum_keys = [k for k in self.keys if k != "calib_max"]
+        self.current = self._fresh()
         self._spare = None
         self.n_events = 0
 
-    def _fresh(self) -> dict:
-        xp = self.backend.xp
-        return {key: xp.full(self.shape, -np.inf, dtype=xp.float32) if key == "calib_max"
-                else xp.zeros(self.shape, dtype=xp.float64) for key in self.keys}
+    def _fresh(self) -> Accumulators:
+        return Accumulators(self.keys, self.sum_keys, self.shape, self.backend.xp)
+
+    @property
+    def acc(self) -> dict:
+        return self.current.views
 
     def reset(self):
         self.n_events = 0
-        for key, acc in self.acc.items():
-            acc.fill(-np.inf if key == "calib_max" else 0)
+        self.current.reset()
 
     def take(self) -> dict[str, np.ndarray]:
         """The partial sums so far (host arrays, full precision), then start from zero:
@@ -37,7 +69,7 @@ class RunSums:
         until the next take (two sets of accumulators take turns: no allocation per batch)."""
         part = {key: self.backend.to_host(acc) for key, acc in self.acc.items()}
         spare = self._spare if self._spare is not None else self._fresh()
-        self._spare, self.acc = self.acc, spare
+        self._spare, self.current = self.current, spare
         self.reset()
         return part
 
@@ -54,7 +86,16 @@ class RunSums:
                 acc += value
 
     def update(self, calib):
-        """Add a batch (B, *shape) of calibrated frames."""
+        """Add a batch (B, *shape) of calibrated frames: on a GPU every image in one read
+        of the batch (kernels/run_sums.cu), here with array operations (its reference)."""
+        if self.backend.is_gpu and self.keys:
+            from ..cuda import run_sums
+            self.n_events += len(calib)
+            run_sums(calib, self.sum_keys, self.current)
+            return
+        self.update_reference(calib)
+
+    def update_reference(self, calib):
         xp = self.backend.xp
         self.n_events += len(calib)
         for key, acc in self.acc.items():
