@@ -58,6 +58,19 @@ def test_slots_are_reused_and_removed(pool, tmp_path):
     assert not list(tmp_path.glob(f"{PREFIX}*"))
 
 
+def test_a_worker_lets_go_of_removed_files(pool, tmp_path):
+    reader = SlotReader(tmp_path)
+    a, b = pool.take(LAYOUT, 1), pool.take(LAYOUT, 1)
+    for slot in (a, b):
+        slot.add(frames(np.random.default_rng(2), 1)[0])
+    reader.arrays(a.describe())
+    assert a.path.name in reader.maps
+    a.close()                                   # an ingest that went away
+    reader.arrays(b.describe())
+    assert list(reader.maps) == [b.path.name]
+    reader.close()
+
+
 def test_slot_files_of_dead_ingests_are_removed(tmp_path):
     dead = tmp_path / f"{PREFIX}{2 ** 22 + 7}-0"         # above any pid of this machine
     alive = tmp_path / f"{PREFIX}{os.getpid()}-0"

@@ -168,16 +168,22 @@ class SlotReader:
         if name in self.maps:
             self.maps.move_to_end(name)
             return self.maps[name]
+        # a new file: let go of the files the ingest removed (their memory with them)
+        for gone in [n for n in self.maps if not (self.directory / n).exists()]:
+            self._unmap(gone)
         with open(self.directory / name, "rb") as f:
             m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED | POPULATE, prot=mmap.PROT_READ)
         self.maps[name] = m
         while len(self.maps) > self.KEEP:
-            _, old = self.maps.popitem(last=False)
-            try:
-                old.close()
-            except BufferError:
-                pass
+            self._unmap(next(iter(self.maps)))
         return m
+
+    def _unmap(self, name: str):
+        m = self.maps.pop(name)
+        try:
+            m.close()
+        except BufferError:          # a view still in use: unmapped when it goes
+            pass
 
     def arrays(self, desc) -> dict[str, np.ndarray]:
         """{det: (n, *shape) read-only array} of a batch header's "shm" entry; raises
@@ -207,9 +213,5 @@ class SlotReader:
         return out
 
     def close(self):
-        for m in self.maps.values():
-            try:
-                m.close()
-            except BufferError:
-                pass
-        self.maps.clear()
+        for name in list(self.maps):
+            self._unmap(name)
