@@ -769,6 +769,63 @@ def calibrate_rows(raw_flat, control_bits, lut, family: int, seg_len: int, vote_
     return (out, None if finish else good.view(xp.bool_), cm, applied.view(xp.bool_))
 
 
+CM_TILE = 16             # kernels/calibrate_cm.cu: adjacent columns per columns_gain block
+CM_COLUMN_MAX = 512      # kernels/calibrate_cm.cu: longest half-panel column
+COLUMNS_BLOCK = 256
+
+
+def columns_fit(seg_shape) -> bool:
+    """Whether columns_gain takes a detector of this (nseg, rows, cols) shape."""
+    _, rows, cols = seg_shape
+    return rows % 2 == 0 and 1 <= rows // 2 <= CM_COLUMN_MAX and cols % CM_TILE == 0
+
+
+def columns_gain(adu, good, raw_flat, control_bits, lut, family: int, seg_shape, rule,
+                 host: bool = False):
+    """The half-panel column pass of mode 7 fused with the gain (kernels/calibrate_cm.cu):
+    adu (B, npix) float32 ADU -> calibrated, in place; good (B, npix) voting flags. Same
+    contract as group_correct over half_columns followed by apply_gain; returns (cm, applied)
+    (B, nseg * 2 * cols)."""
+    xp = np if host else _cupy()
+    raw, cb, lut, nbatch, npix, _, family = _calibrate_args(xp, raw_flat, control_bits, lut,
+                                                           family)
+    nseg, rows, cols = (int(v) for v in seg_shape)
+    if not columns_fit(seg_shape) or nseg * rows * cols != npix:
+        raise GpusmdError(f"columns_gain: segments {tuple(seg_shape)} do not fit {npix} pixels "
+                          f"(even rows, half columns of at most {CM_COLUMN_MAX}, columns a "
+                          f"multiple of {CM_TILE})")
+    if adu.shape != raw.shape or adu.dtype != np.float32 or not adu.flags.c_contiguous:
+        raise GpusmdError(f"columns_gain: adu must be C-contiguous float32 {raw.shape}")
+    good = xp.ascontiguousarray(good).view(xp.uint8)
+    if good.shape != raw.shape:
+        raise GpusmdError(f"columns_gain: good {good.shape} does not match {raw.shape}")
+    stat, *scalars = _cm_rule_scalars(rule, rows // 2)
+    if stat != _CM_STATS["median"]:
+        raise GpusmdError("columns_gain: the fused pass takes the median only")
+    ngroups = nseg * 2 * cols
+    cm = xp.zeros((nbatch, ngroups), dtype=xp.float32)
+    applied = xp.zeros((nbatch, ngroups), dtype=xp.uint8)
+    tiles = nseg * 2 * (cols // CM_TILE)
+    if nbatch:
+        args = (nseg, rows, cols, family, *scalars)
+        if host:
+            host_module("calibrate_cm").launch("columns_gain", (tiles, nbatch),
+                                               min(CM_HOST_BLOCK, COLUMNS_BLOCK), adu, good,
+                                               raw, cb, lut, *args, cm, applied)
+        else:
+            lo, hi, min_count, min_fraction, max_abs, inclusive, apply_all = scalars
+            kernel = get_function("calibrate_cm", "columns_gain")
+            for b0 in range(0, nbatch, CM_MAX_GRID_Y):
+                b1 = min(nbatch, b0 + CM_MAX_GRID_Y)
+                kernel((tiles, b1 - b0), (COLUMNS_BLOCK,),
+                       (adu[b0:b1], good[b0:b1], raw[b0:b1], cb, lut, np.int32(nseg),
+                        np.int32(rows), np.int32(cols), np.int32(family), np.float32(lo),
+                        np.float32(hi), np.int32(min_count), np.float64(min_fraction),
+                        np.float32(max_abs), np.int32(inclusive), np.int32(apply_all),
+                        cm[b0:b1], applied[b0:b1]))
+    return cm, applied.view(xp.bool_)
+
+
 def apply_gain(raw_flat, control_bits, lut, family: int, data, host: bool = False):
     """data (B, npix) float32 ADU *= mask / gain of each pixel's gain range (decoded from
     the raw frames again), in place, on the device or (``host``) through the host build."""

@@ -11,8 +11,11 @@
 //                    calibrated) or write the ADU and the voting flags for the next pass
 //                    (finish = 0). With correct = 0 it only splits (ADU + flags): the
 //                    start of a mode that begins with banks or columns.
-//   apply_gain       after the other passes: adu * (mask / gain) of the pixel's gain
-//                    range, decoded again from the raw frame (2 bytes, not a float).
+//   columns_gain     the last pass, the columns of each half panel, fused with the gain:
+//                    each column's median subtracted, then adu * (mask / gain) of the
+//                    pixel's gain range, decoded again from the raw frame (2 bytes, not a
+//                    float). Rows + columns (codes 85 and 7) are two reads of the batch.
+//   apply_gain       the gain alone, after other last passes.
 //
 // NumPy reference: Calibrator.split, group_correct over the row segments with the same
 // Rule, then adu * scale (gpusmd.calib.common_mode.mode7); bit for bit the same numbers.
@@ -38,6 +41,8 @@
 #include "cm_median.h"
 
 #define CM_SEGMENT_MAX 256        // longest row segment (bank rows: 48 to 96); 13 bytes a pixel of shared memory
+#define CM_TILE 16                // adjacent columns of a columns_gain block (rows read coalesced)
+#define CM_COLUMN_MAX 512         // longest half-panel column (176 to 352): 32 KB of sort keys
 
 extern "C" __global__ void calibrate_rows(const unsigned short* __restrict__ raw,
                                           const unsigned char* __restrict__ control_bits,
@@ -118,6 +123,95 @@ extern "C" __global__ void calibrate_rows(const unsigned short* __restrict__ raw
     }
 }
 
+// The gain factor mask / gain of raw value r at pixel i (0 where the gain bits are invalid).
+__device__ __forceinline__ float cc_factor(unsigned short r, long long i,
+                                           const unsigned char* control_bits,
+                                           const float2* lut, long long npix, int family)
+{
+    const bool epix = family == GPUSMD_FAMILY_EPIX10K;
+    const int g = gpusmd_gain_index(family, r, epix ? __ldg(control_bits + i) : (unsigned char)0);
+    return g >= 0 ? __ldg(lut + ((long long)g * npix + i)).y : 0.0f;
+}
+
+// columns_gain: one block per (tile of CM_TILE adjacent columns of a half panel, event):
+// blockIdx.x = (segment * 2 + half) * (cols / CM_TILE) + tile, blockIdx.y = event. The
+// groups are those of gpusmd.calib.common_mode.half_columns: group (segment * 2 + half)
+// * cols + column of cm_out / applied_out (B, nseg * 2 * cols).
+//   adu   (B, npix) float32 ADU in, calibrated out;  good (B, npix) uint8 voting flags
+//   raw, control_bits, lut, family: as calibrate_rows, for the gain
+//   nseg, rows, cols: the segment shape (rows = 2 x half_rows; cols % CM_TILE == 0)
+extern "C" __global__ void columns_gain(float* __restrict__ adu,
+                                        const unsigned char* __restrict__ good,
+                                        const unsigned short* __restrict__ raw,
+                                        const unsigned char* __restrict__ control_bits,
+                                        const float2* __restrict__ lut, int nseg, int rows,
+                                        int cols, int family, float lo, float hi,
+                                        int min_count, double min_fraction, float max_abs,
+                                        int inclusive, int apply_all, float* cm_out,
+                                        unsigned char* applied_out)
+{
+    __shared__ unsigned int keys[CM_TILE * CM_COLUMN_MAX];
+    __shared__ int counts[CM_TILE];
+    __shared__ float cms[CM_TILE];
+    __shared__ int applied[CM_TILE];
+
+    const int half_rows = rows / 2, tiles = cols / CM_TILE;
+    if (half_rows < 1 || half_rows > CM_COLUMN_MAX || cols % CM_TILE) return;   // uniform
+    const int panel = blockIdx.x / tiles;                 // segment * 2 + half
+    if (panel >= 2 * nseg) return;
+    const int c0 = (blockIdx.x - panel * tiles) * CM_TILE;
+    const long long npix = (long long)nseg * rows * cols;
+    const long long event = blockIdx.y;
+    // pixel (r, j) of the tile: row r of the half panel, column c0 + j
+    const long long first = event * npix + (long long)(panel / 2) * rows * cols
+                            + (long long)(panel % 2) * half_rows * cols + c0;
+    const long long pix0 = first - event * npix;
+    const int tid = threadIdx.x, nt = blockDim.x, size = half_rows * CM_TILE;
+    const int n = cm_pow2(half_rows);
+
+    // 1. gather each column's voters (consecutive threads: consecutive columns of a row)
+    if (tid < CM_TILE) counts[tid] = 0;
+    __syncthreads();
+    for (int k = tid; k < size; k += nt) {
+        const int r = k / CM_TILE, j = k - r * CM_TILE;
+        const long long p = first + (long long)r * cols + j;
+        const float v = adu[p];
+        if (good[p] && lo < v && v < hi) keys[j * n + atomicAdd(&counts[j], 1)] = cm_key(v);
+    }
+    __syncthreads();
+    for (int k = tid; k < CM_TILE * n; k += nt) {
+        const int j = k / n, r = k - j * n;
+        if (r >= counts[j]) keys[k] = CM_PAD_KEY;
+    }
+    __syncthreads();
+
+    // 2. sort every column, decide
+    cm_sort_runs(keys, n, CM_TILE);
+    if (tid < CM_TILE) {
+        const int count = counts[tid];
+        const bool enough = count >= max(min_count, 1) &&
+                            (double)count >= min_fraction * (double)half_rows;
+        const float cm = enough ? cm_sorted_median(keys + tid * n, count) : 0.0f;
+        const bool ok = cm_applies(enough, cm, max_abs, inclusive);
+        cms[tid] = ok ? cm : 0.0f;
+        applied[tid] = ok;
+        const long long group = event * (2LL * nseg * cols) + (long long)panel * cols + c0 + tid;
+        cm_out[group] = ok ? cm : 0.0f;
+        applied_out[group] = ok ? 1 : 0;
+    }
+    __syncthreads();
+
+    // 3. subtract (as the reference: value - cm * target), then the gain
+    for (int k = tid; k < size; k += nt) {
+        const int r = k / CM_TILE, j = k - r * CM_TILE;
+        const long long p = first + (long long)r * cols + j;
+        float v = adu[p];
+        if (applied[j]) v = v - cms[j] * ((apply_all || good[p]) ? 1.0f : 0.0f);
+        adu[p] = v * cc_factor(raw[p], pix0 + (long long)r * cols + j, control_bits, lut, npix,
+                               family);
+    }
+}
+
 // data (B, npix) float32 ADU -> calibrated, in place; n = B * npix, grid-stride loop.
 extern "C" __global__ void apply_gain(const unsigned short* __restrict__ raw,
                                       const unsigned char* __restrict__ control_bits,
@@ -129,12 +223,8 @@ extern "C" __global__ void apply_gain(const unsigned short* __restrict__ raw,
     if (k >= n) return;
     long long i = k % npix;
     const long long step = stride % npix;
-    const bool epix = family == GPUSMD_FAMILY_EPIX10K;
     for (; k < n; k += stride) {
-        const int g = gpusmd_gain_index(family, __ldg(raw + k),
-                                        epix ? __ldg(control_bits + i) : (unsigned char)0);
-        const float factor = g >= 0 ? __ldg(lut + ((long long)g * npix + i)).y : 0.0f;
-        data[k] = data[k] * factor;
+        data[k] = data[k] * cc_factor(__ldg(raw + k), i, control_bits, lut, npix, family);
         i += step;
         if (i >= npix) i -= npix;
     }

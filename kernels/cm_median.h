@@ -24,28 +24,44 @@ __device__ __forceinline__ float cm_value(unsigned int key)
     return __uint_as_float(key ^ (((key >> 31) - 1u) | 0x80000000u));
 }
 
-// Pads keys[count, n) with CM_PAD_KEY, n the next power of two of count, and sorts
-// keys[0, n) ascending. Called by every thread of the block; keys are in shared memory.
-__device__ void cm_sort_keys(unsigned int* keys, int count)
+// Sorts nruns independent runs of keys, keys[r * n, (r + 1) * n), each ascending, n a
+// power of two. Called by every thread of the block; keys are in shared memory.
+__device__ void cm_sort_runs(unsigned int* keys, int n, int nruns)
 {
-    const int tid = threadIdx.x, nt = blockDim.x;
-    int n = 1;
-    while (n < count) n <<= 1;
-    for (int k = count + tid; k < n; k += nt) keys[k] = CM_PAD_KEY;
-    __syncthreads();
+    const int tid = threadIdx.x, nt = blockDim.x, half = n >> 1;
     for (int len = 2; len <= n; len <<= 1) {
         for (int j = len >> 1; j > 0; j >>= 1) {
-            for (int t = tid; t < (n >> 1); t += nt) {
-                const int i = 2 * t - (t & (j - 1));   // partner i + j
-                const unsigned int a = keys[i], b = keys[i + j];
+            for (int t = tid; t < nruns * half; t += nt) {
+                const int r = t / half, u = t - r * half;
+                const int i = 2 * u - (u & (j - 1));   // partner i + j
+                unsigned int* run = keys + (long long)r * n;
+                const unsigned int a = run[i], b = run[i + j];
                 if ((a > b) == ((i & len) == 0)) {
-                    keys[i] = b;
-                    keys[i + j] = a;
+                    run[i] = b;
+                    run[i + j] = a;
                 }
             }
             __syncthreads();
         }
     }
+}
+
+// The next power of two of count (at least 1).
+__device__ __forceinline__ int cm_pow2(int count)
+{
+    int n = 1;
+    while (n < count) n <<= 1;
+    return n;
+}
+
+// Pads keys[count, n) with CM_PAD_KEY, n the next power of two of count, and sorts
+// keys[0, n) ascending. Called by every thread of the block; keys are in shared memory.
+__device__ void cm_sort_keys(unsigned int* keys, int count)
+{
+    const int n = cm_pow2(count);
+    for (int k = count + threadIdx.x; k < n; k += blockDim.x) keys[k] = CM_PAD_KEY;
+    __syncthreads();
+    cm_sort_runs(keys, n, 1);
 }
 
 // The median of `count` sorted keys.

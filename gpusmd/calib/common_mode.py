@@ -213,14 +213,17 @@ def mode7_fused(raw, control_bits, lut, family: int, vote_ranges: int, cmpars,
                 ctx: ModeContext):
     """Calibration and mode 7 on the kernel engines (kernels/calibrate_cm.cu): when the
     mode starts with the row segments, their correction is fused into the one read of the
-    raw frames (and, when it is the only pass, the gain too); the other passes follow on
-    the ADU, then the gain. Same numbers as Calibrator.split + mode7 + the multiply.
+    raw frames (and, when it is the only pass, the gain too); the banks follow on the ADU,
+    and the last pass, the columns, applies the gain (or the gain alone). Rows + columns:
+    two reads. Same numbers as Calibrator.split + mode7 + the multiply.
     raw: (B, npix). Returns (calibrated (B, npix) float32, stats)."""
     from .. import cuda
     bits, rule = mode7_rule(cmpars)
     host = ctx.engine == "host"
     rows_first = bool(bits & 1) and not bits & 4
     finish = not bits & (6 if rows_first else 7)
+    # the columns come last: their pass applies the gain too, when the shape fits
+    columns_last = bool(bits & 2) and cuda.columns_fit(ctx.model.seg_shape)
     _, seg_len = bank_shape(ctx.model)
     out, good, _, applied = cuda.calibrate_rows(raw, control_bits, lut, family, seg_len,
                                                 vote_ranges, rule, rows_first, finish, host)
@@ -228,9 +231,15 @@ def mode7_fused(raw, control_bits, lut, family: int, vote_ranges: int, cmpars,
     if rows_first:
         tally(stats, applied)
     if not finish:
-        for key, value in mode7(out, good, cmpars, ctx, skip=1 if rows_first else 0).items():
+        skip = (1 if rows_first else 0) | (2 if columns_last else 0)
+        for key, value in mode7(out, good, cmpars, ctx, skip).items():
             stats[key] = stats.get(key, 0) + value
-        cuda.apply_gain(raw, control_bits, lut, family, out, host)
+        if columns_last:
+            _, applied = cuda.columns_gain(out, good, raw, control_bits, lut, family,
+                                           ctx.model.seg_shape, rule, host)
+            tally(stats, applied)
+        else:
+            cuda.apply_gain(raw, control_bits, lut, family, out, host)
     return out, stats
 
 
