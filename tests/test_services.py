@@ -23,6 +23,7 @@ from gpusmd.services.common import make_keys
 from gpusmd.services.local import LocalServices, free_port
 from gpusmd.services.protocol import encode
 from gpusmd.services.publish import publish
+from gpusmd.services.shm import host_key
 from gpusmd.simulate import simulate_run
 
 from conftest import assert_same_datasets
@@ -80,7 +81,9 @@ def read_log(d, out, name):
     return (d / f"logs_{out.stem}" / f"{name}.log").read_text()
 
 
-@pytest.mark.parametrize("shared_memory", [True, False])
+@pytest.mark.parametrize("shared_memory", [
+    pytest.param(True, marks=pytest.mark.skipif(host_key() is None, reason="no /dev/shm")),
+    False])
 def test_services_equal_in_process(setup, shared_memory):
     """Batches to the workers through shared memory (the ingest's host) or over the link
     (as to workers on other hosts): the same file."""
