@@ -39,6 +39,14 @@ def default_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def good_frames(msg, det: str, good: list):
+    """A detector's frames of a batch's good events: the batch's own array when it came
+    through shared memory whole (no copy), else the frames one by one."""
+    if msg.stacked is not None and len(good) == len(msg.stacked[det]):
+        return msg.stacked[det]
+    return [msg.arrays[f"{i}/{det}"] for i in good]
+
+
 # ---- the GPU path: frames into pinned buffers, copies started ahead ------------------------
 
 class GpuStager:
@@ -160,8 +168,7 @@ class Worker:
         staged = Staged(good, bad)
         if self.stager is not None and good:
             try:
-                staged.k = self.stager.stage({det: [msg.arrays[f"{i}/{det}"] for i in good]
-                                              for det in procs})
+                staged.k = self.stager.stage({det: good_frames(msg, det, good) for det in procs})
             except Exception:            # processed from the host instead
                 log.exception("batch %s: staging on the device failed", msg.header["batch"])
         return staged
@@ -186,13 +193,10 @@ class Worker:
                 if good:
                     if staged.k is not None:       # on the device, copied ahead
                         frames = self.stager.get(staged.k)
-                    elif msg.stacked is not None:       # shared memory: no copy
-                        whole = len(good) == len(events)
-                        frames = {det: msg.stacked[det] if whole else msg.stacked[det][good]
-                                  for det in procs}
                     else:
-                        frames = {det: np.stack([msg.arrays[f"{i}/{det}"] for i in good])
-                                  for det in procs}
+                        frames = {det: good_frames(msg, det, good) for det in procs}
+                        frames = {det: f if isinstance(f, np.ndarray) else np.stack(f)
+                                  for det, f in frames.items()}
                     steps = {det: np.array([int(events[i]["steps"].get(det, 0)) for i in good])
                              for det in procs}
                     columns = reduce_frames(procs, frames, steps, self.config.user_functions)
