@@ -53,6 +53,8 @@ def service_config(args):
         value = getattr(args, key)
         if value:
             setattr(config.services, key, value)
+    if getattr(args, "no_shared_memory", False):
+        config.services.shared_memory = False
     return config
 
 
@@ -113,6 +115,8 @@ def add_service_args(s, service: bool = True):
         s.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on this port (0: any free port)")
         s.add_argument("--once", action="store_true", help="exit after one run")
+        s.add_argument("--no-shared-memory", action="store_true",
+                       help="batches over the link even on the ingest's host")
 
 
 def build_parser() -> argparse.ArgumentParser:

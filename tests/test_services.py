@@ -97,7 +97,24 @@ def test_services_equal_in_process(setup, shared_memory):
         assert f.attrs["via"] == "services" and len(f["errors/event_id"]) == 0
     assert ("batches through shared memory" in read_log(setup, out, "ingest")) == shared_memory
     workers = read_log(setup, out, "worker0") + read_log(setup, out, "worker1")
-    assert ("frames read from shared memory" in workers) == shared_memory
+    assert ("frames from shared memory" in workers) == shared_memory
+
+
+@pytest.mark.skipif(host_key() is None, reason="no /dev/shm")
+def test_a_worker_over_the_link_beside_one_on_shared_memory(setup):
+    """As a worker on another host: the ingest sends it the frames of the same
+    shared-memory batches over the link. One file, equal to the in-process one."""
+    out = setup / "mixed.h5"
+    # the run arrives at once; slow workers (0.2 s a batch) both get batches
+    chain, status = run_chain(setup, out, worker_args=["--delay-ms", "200"],
+                              per_worker_args={1: ["--no-shared-memory"]})
+    assert status == 0
+    assert_same_datasets(out, setup / "reference.h5")
+    assert "frames from shared memory" in read_log(setup, out, "worker0")
+    assert "frames over the link" in read_log(setup, out, "worker1")
+    ingest = read_log(setup, out, "ingest")
+    assert "worker0: batches through shared memory" in ingest
+    assert "worker1: batches through" not in ingest
 
 
 def test_worker_killed_mid_run(setup):

@@ -41,7 +41,8 @@ class LocalServices:
     def __init__(self, config_path, output, n_workers: int = 2, backend: str = "cpu",
                  once: bool = True, addresses: dict | None = None, sink_args=(), ingest_args=(),
                  worker_args=(), quiet=True, log_dir: Path | None = None,
-                 affinity: dict[str, set[int]] | None = None):
+                 affinity: dict[str, set[int]] | None = None,
+                 per_worker_args: dict[int, list] | None = None):
         self.config_path = str(config_path)
         self.addresses = addresses or loopback_addresses()
         self.output = str(output)
@@ -51,6 +52,7 @@ class LocalServices:
         self.sink_args = list(sink_args)
         self.ingest_args = list(ingest_args)
         self.worker_args = list(worker_args)
+        self.per_worker_args = per_worker_args or {}   # worker index -> its own extra args
         self.affinity = affinity or {}          # "ingest" / "sink" / "worker" -> CPUs
         self.quiet = quiet
         self.log_dir = Path(log_dir) if log_dir else None
@@ -76,7 +78,8 @@ class LocalServices:
                                 *self.sink_args)
         self.ingest = self._start("ingest", "ingest", *self.ingest_args)
         self.workers = [self._start(f"worker{i}", "worker", "--backend", self.backend,
-                                    "--name", f"worker{i}", *self.worker_args)
+                                    "--name", f"worker{i}", *self.worker_args,
+                                    *self.per_worker_args.get(i, ()))
                         for i in range(self.n_workers)]
         return self
 

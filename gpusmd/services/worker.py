@@ -272,8 +272,6 @@ class Worker:
         msg.arrays = {f"{i}/{det}": frames[i] for det, frames in msg.stacked.items()
                       for i in range(len(frames))}
         self.metrics.inc("shared_batches")
-        if self.metrics.get("shared_batches") == 1:
-            log.info("batch %s: frames read from shared memory", msg.header.get("batch"))
 
     def run(self):
         beat = threading.Thread(target=self.heartbeat, daemon=True)
@@ -298,6 +296,11 @@ class Worker:
                     except GpusmdError as e:
                         log.error("cannot process run %s: %s", msg.header.get("run"), e)
                 elif msg.kind == "batch":
+                    if self.metrics.get("batches") == 0:
+                        log.info("batch %s: frames %s", msg.header.get("batch"),
+                                 "from shared memory" if msg.stacked is not None
+                                 else "over the link")
+                    self.metrics.inc("batches")
                     time.sleep(self.delay_s)
                     # GPU: the next batch, when already here, starts across the bus now
                     while self.stager is not None and ahead is None and self.work.poll(0):
