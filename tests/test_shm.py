@@ -78,6 +78,12 @@ def test_slot_files_of_dead_ingests_are_removed(tmp_path):
         path.write_bytes(b"x")
     remove_stale(tmp_path)
     assert not dead.exists() and alive.exists()
+    # a new pool of this process: a file with its own pid is a dead one's (pid reused)
+    pool = SlotPool(tmp_path)
+    assert not alive.exists()
+    slot = pool.take(LAYOUT, 1)
+    assert slot.path == alive                            # the name is free again
+    pool.close()
 
 
 @pytest.mark.parametrize("desc, problem", [

@@ -114,6 +114,8 @@ class SlotPool:
         self.free: list[Slot] = []
         self.all: list[Slot] = []
         remove_stale(self.directory)
+        for path in self.directory.glob(f"{self.tag}*"):   # a dead ingest had this pid
+            path.unlink(missing_ok=True)
 
     def take(self, layout: dict, capacity: int) -> Slot:
         for i in reversed(range(len(self.free))):       # the last freed: still in cache
