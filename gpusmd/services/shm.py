@@ -128,8 +128,8 @@ class SlotPool:
                 self.all.remove(slot)
                 slot.close()
             self.free = []
-        slot = Slot(self.directory / f"{self.tag}{self.count}", layout, capacity)
-        self.count += 1
+        self.count += 1               # a name that failed is not tried again
+        slot = Slot(self.directory / f"{self.tag}{self.count - 1}", layout, capacity)
         self.all.append(slot)
         return slot
 
