@@ -59,11 +59,18 @@ def setup(tmp_path_factory):
     return d
 
 
-def run_chain(d, out, rate=0.0, workers=2, during=None, config="run.yaml", timeout=60, **kw):
-    """Start the chain, publish the run (in a thread), call during(chain), wait for the sink."""
+def run_chain(d, out, rate=0.0, workers=2, during=None, config="run.yaml", timeout=60,
+              joined=False, **kw):
+    """Start the chain, publish the run (in a thread), call during(chain), wait for the sink.
+    With ``joined``, the run starts once every worker has joined the ingest."""
     chain = LocalServices(d / config, out, workers, "cpu", log_dir=d / f"logs_{out.stem}",
                           **kw).start()
     try:
+        deadline = time.monotonic() + 30
+        while joined and not all(f"worker{i} joined" in read_log(d, out, "ingest")
+                                 for i in range(workers)):
+            assert time.monotonic() < deadline, "the workers did not join"
+            time.sleep(0.05)
         cfg = load_config(d / config)
         cfg.services.__dict__.update(chain.addresses)
         sender = threading.Thread(target=publish, args=(d / "run.h5", cfg, rate), daemon=True)
@@ -90,7 +97,7 @@ def test_services_equal_in_process(setup, shared_memory):
     config = "run.yaml" if shared_memory else "link.yaml"
     (setup / "link.yaml").write_text(textwrap.dedent(CONFIG) + "  shared_memory: false\n")
     out = setup / f"services_{config[:-5]}.h5"
-    chain, status = run_chain(setup, out, config=config)
+    chain, status = run_chain(setup, out, config=config, joined=True)
     assert status == 0
     assert_same_datasets(out, setup / "reference.h5")
     with h5py.File(out, "r") as f:
@@ -106,11 +113,12 @@ def test_a_worker_over_the_link_beside_one_on_shared_memory(setup):
     shared-memory batches over the link. One file, equal to the in-process one."""
     out = setup / "mixed.h5"
     # the run arrives at once; slow workers (0.2 s a batch) both get batches
-    chain, status = run_chain(setup, out, worker_args=["--delay-ms", "200"],
+    chain, status = run_chain(setup, out, worker_args=["--delay-ms", "200"], joined=True,
                               per_worker_args={1: ["--no-shared-memory"]})
     assert status == 0
     assert_same_datasets(out, setup / "reference.h5")
     assert "frames from shared memory" in read_log(setup, out, "worker0")
+    assert "frames over the link" not in read_log(setup, out, "worker0")
     assert "frames over the link" in read_log(setup, out, "worker1")
     ingest = read_log(setup, out, "ingest")
     assert "worker0: batches through shared memory" in ingest

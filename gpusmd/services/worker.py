@@ -278,6 +278,7 @@ class Worker:
         beat.start()
         self.send_ready(self.cfg.credits)
         ahead = None                    # a message received before the current batch ran
+        last_way = None                 # how the last batch's frames came
         try:
             while True:
                 if ahead is not None:
@@ -296,11 +297,10 @@ class Worker:
                     except GpusmdError as e:
                         log.error("cannot process run %s: %s", msg.header.get("run"), e)
                 elif msg.kind == "batch":
-                    if self.metrics.get("batches") == 0:
-                        log.info("batch %s: frames %s", msg.header.get("batch"),
-                                 "from shared memory" if msg.stacked is not None
-                                 else "over the link")
-                    self.metrics.inc("batches")
+                    way = "from shared memory" if msg.stacked is not None else "over the link"
+                    if way != last_way:        # said once, and again when it changes
+                        log.info("batch %s: frames %s", msg.header.get("batch"), way)
+                        last_way = way
                     time.sleep(self.delay_s)
                     # GPU: the next batch, when already here, starts across the bus now
                     while self.stager is not None and ahead is None and self.work.poll(0):
