@@ -232,7 +232,7 @@ def main():
 def run_tests_on_gpu() -> str:
     """The whole test suite with the CuPy backend; its summary goes to
     bench/results/tests-gpu.txt and into the results' notes. A failure is reported, not
-    fatal: the benchmark still runs (a device is lent for a short time)."""
+    fatal: the benchmark still runs, its numbers are worth having either way."""
     root = Path(__file__).parents[1]
     print("running the test suite with the CuPy backend first", flush=True)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", str(root / "tests")],
