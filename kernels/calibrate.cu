@@ -23,17 +23,11 @@ extern "C" __global__ void calibrate(const unsigned short* __restrict__ raw,
     // pixel index i = k % npix, advanced by stride % npix without a division per element
     long long i = k % npix;
     const long long step = stride % npix;
-    const bool epix = family == GPUSMD_FAMILY_EPIX10K;
     for (; k < n; k += stride) {
         const unsigned short r = __ldg(raw + k);
-        const unsigned char cb = epix ? __ldg(control_bits + i) : (unsigned char)0;
-        const int g = gpusmd_gain_index(family, r, cb);
-        float value = 0.0f;
-        if (g >= 0) {
-            const float2 e = __ldg(lut + ((long long)g * npix + i));
-            value = (gpusmd_adc(family, r, signed_raw) - e.x) * e.y;
-        }
-        out[k] = value;
+        int g;
+        const float2 e = gpusmd_lut_entry(family, r, i, control_bits, lut, npix, &g);
+        out[k] = g >= 0 ? (gpusmd_adc(family, r, signed_raw) - e.x) * e.y : 0.0f;
         i += step;
         if (i >= npix) i -= npix;
     }

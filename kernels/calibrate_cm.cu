@@ -66,7 +66,6 @@ extern "C" __global__ void calibrate_rows(const unsigned short* __restrict__ raw
     const long long event = blockIdx.y;
     const long long pix0 = (long long)s * seg_len;
     const long long first = event * npix + pix0;
-    const bool epix = family == GPUSMD_FAMILY_EPIX10K;
     const int tid = threadIdx.x, nt = blockDim.x;
 
     // 1. decode, subtract the pedestal, gather the voters' keys
@@ -74,18 +73,12 @@ extern "C" __global__ void calibrate_rows(const unsigned short* __restrict__ raw
     __syncthreads();
     for (int k = tid; k < seg_len; k += nt) {
         const unsigned short r = raw[first + k];
-        const long long i = pix0 + k;
-        const int g = gpusmd_gain_index(family, r, epix ? control_bits[i] : (unsigned char)0);
-        float pedestal = 0.0f, factor = 0.0f;
-        if (g >= 0) {
-            const float2 e = lut[(long long)g * npix + i];
-            pedestal = e.x;
-            factor = e.y;
-        }
-        const float v = gpusmd_adc(family, r, signed_raw) - pedestal;
-        const bool ok = g >= 0 && factor != 0.0f && ((vote_ranges >> g) & 1);
+        int g;
+        const float2 e = gpusmd_lut_entry(family, r, pix0 + k, control_bits, lut, npix, &g);
+        const float v = gpusmd_adc(family, r, signed_raw) - e.x;
+        const bool ok = g >= 0 && e.y != 0.0f && ((vote_ranges >> g) & 1);
         value[k] = v;
-        scale[k] = factor;
+        scale[k] = e.y;
         votes[k] = ok ? 1 : 0;
         if (correct && ok && lo < v && v < hi) keys[atomicAdd(&s_count, 1)] = cm_key(v);
     }
@@ -128,9 +121,8 @@ __device__ __forceinline__ float cc_factor(unsigned short r, long long i,
                                            const unsigned char* control_bits,
                                            const float2* lut, long long npix, int family)
 {
-    const bool epix = family == GPUSMD_FAMILY_EPIX10K;
-    const int g = gpusmd_gain_index(family, r, epix ? __ldg(control_bits + i) : (unsigned char)0);
-    return g >= 0 ? __ldg(lut + ((long long)g * npix + i)).y : 0.0f;
+    int g;
+    return gpusmd_lut_entry(family, r, i, control_bits, lut, npix, &g).y;
 }
 
 // columns_gain: one block per (tile of CM_TILE adjacent columns of a half panel, event):
