@@ -567,6 +567,14 @@ _cm_checked: dict = {}   # id(groups.starts) -> (starts, npix bound it was check
 _cm_device_starts: dict = {}
 
 
+def _event_chunks(nbatch: int):
+    """The events of a batch by launches: (slice, count), at most CM_MAX_GRID_Y events each
+    (gridDim.y)."""
+    for b0 in range(0, nbatch, CM_MAX_GRID_Y):
+        b1 = min(nbatch, b0 + CM_MAX_GRID_Y)
+        yield slice(b0, b1), b1 - b0
+
+
 def _cm_block(size: int) -> int:
     """Threads per block for a group size: half the padded sort for small groups (one
     compare-exchange per thread and step), at least a warp; CM_BLOCK for radix-select
@@ -682,14 +690,13 @@ def group_correct_gpu(adu, good, groups, rule, block: int | None = None):
      inclusive, apply_all) = scalars
     kernel = get_function("common_mode", "group_correct")
     threads = int(block or _cm_block(size))
-    for b0 in range(0, nbatch, CM_MAX_GRID_Y):
-        b1 = min(nbatch, b0 + CM_MAX_GRID_Y)
-        kernel((ngroups, b1 - b0), (threads,),
-               (adu[b0:b1], good[b0:b1], starts, np.int32(n_outer), np.int64(outer),
+    for b, count in _event_chunks(nbatch):
+        kernel((ngroups, count), (threads,),
+               (adu[b], good[b], starts, np.int32(n_outer), np.int64(outer),
                 np.int32(n_inner), np.int64(inner), np.int64(npix), np.int32(ngroups),
                 np.int32(stat), np.float32(lo), np.float32(hi), np.int32(min_count),
                 np.float64(min_fraction), np.float32(max_abs), np.int32(inclusive),
-                np.int32(apply_all), cm[b0:b1], applied[b0:b1]))
+                np.int32(apply_all), cm[b], applied[b]))
     return cm, applied.view(cupy.bool_)
 
 
@@ -713,6 +720,14 @@ def group_correct_host(adu, good, groups, rule, block: int | None = None):
 CM_SEGMENT_MAX = 256     # kernels/calibrate_cm.cu: longest row segment
 
 
+def _median_rule_scalars(rule, size: int, kernel: str) -> tuple:
+    """_cm_rule_scalars without the statistic, for the fused passes (median only)."""
+    stat, *scalars = _cm_rule_scalars(rule, size)
+    if stat != _CM_STATS["median"]:
+        raise GpusmdError(f"{kernel}: the fused pass takes the median only")
+    return tuple(scalars)
+
+
 def _segment_block(seg_len: int) -> int:
     """Threads per (segment, event) block: one compare-exchange each per sort step."""
     n = 1 << max(0, int(seg_len) - 1).bit_length()
@@ -726,9 +741,7 @@ def _rows_args(xp, raw_flat, control_bits, lut, family: int, seg_len: int, rule)
     if not 1 <= seg_len <= CM_SEGMENT_MAX or npix % seg_len:
         raise GpusmdError(f"calibrate_rows: segments of {seg_len} pixels do not tile a frame of "
                           f"{npix} (at most {CM_SEGMENT_MAX} pixels each)")
-    stat, *scalars = _cm_rule_scalars(rule, seg_len)
-    if stat != _CM_STATS["median"]:
-        raise GpusmdError("calibrate_rows: the fused pass takes the median only")
+    scalars = _median_rule_scalars(rule, seg_len, "calibrate_rows")
     return raw, cb, lut, nbatch, npix, signed_raw, family, npix // seg_len, scalars
 
 
@@ -756,16 +769,14 @@ def calibrate_rows(raw_flat, control_bits, lut, family: int, seg_len: int, vote_
                 *scalars, int(finish), out, good, cm, applied)
         else:
             kernel = get_function("calibrate_cm", "calibrate_rows")
-            for b0 in range(0, nbatch, CM_MAX_GRID_Y):
-                b1 = min(nbatch, b0 + CM_MAX_GRID_Y)
-                kernel((nseg, b1 - b0), (threads,),
-                       (raw[b0:b1], cb, lut, np.int64(npix), np.int32(seg_len), np.int32(nseg),
+            for b, count in _event_chunks(nbatch):
+                kernel((nseg, count), (threads,),
+                       (raw[b], cb, lut, np.int64(npix), np.int32(seg_len), np.int32(nseg),
                         np.int32(family), np.int32(signed_raw), np.int32(vote_ranges),
                         np.int32(bool(correct)), np.float32(lo), np.float32(hi),
                         np.int32(min_count), np.float64(min_fraction), np.float32(max_abs),
                         np.int32(inclusive), np.int32(apply_all), np.int32(bool(finish)),
-                        out[b0:b1], good if finish else good[b0:b1], cm[b0:b1],
-                        applied[b0:b1]))
+                        out[b], good if finish else good[b], cm[b], applied[b]))
     return (out, None if finish else good.view(xp.bool_), cm, applied.view(xp.bool_))
 
 
@@ -799,9 +810,7 @@ def columns_gain(adu, good, raw_flat, control_bits, lut, family: int, seg_shape,
     good = xp.ascontiguousarray(good).view(xp.uint8)
     if good.shape != raw.shape:
         raise GpusmdError(f"columns_gain: good {good.shape} does not match {raw.shape}")
-    stat, *scalars = _cm_rule_scalars(rule, rows // 2)
-    if stat != _CM_STATS["median"]:
-        raise GpusmdError("columns_gain: the fused pass takes the median only")
+    scalars = _median_rule_scalars(rule, rows // 2, "columns_gain")
     ngroups = nseg * 2 * cols
     cm = xp.zeros((nbatch, ngroups), dtype=xp.float32)
     applied = xp.zeros((nbatch, ngroups), dtype=xp.uint8)
@@ -815,14 +824,13 @@ def columns_gain(adu, good, raw_flat, control_bits, lut, family: int, seg_shape,
         else:
             lo, hi, min_count, min_fraction, max_abs, inclusive, apply_all = scalars
             kernel = get_function("calibrate_cm", "columns_gain")
-            for b0 in range(0, nbatch, CM_MAX_GRID_Y):
-                b1 = min(nbatch, b0 + CM_MAX_GRID_Y)
-                kernel((tiles, b1 - b0), (COLUMNS_BLOCK,),
-                       (adu[b0:b1], good[b0:b1], raw[b0:b1], cb, lut, np.int32(nseg),
+            for b, count in _event_chunks(nbatch):
+                kernel((tiles, count), (COLUMNS_BLOCK,),
+                       (adu[b], good[b], raw[b], cb, lut, np.int32(nseg),
                         np.int32(rows), np.int32(cols), np.int32(family), np.float32(lo),
                         np.float32(hi), np.int32(min_count), np.float64(min_fraction),
                         np.float32(max_abs), np.int32(inclusive), np.int32(apply_all),
-                        cm[b0:b1], applied[b0:b1]))
+                        cm[b], applied[b]))
     return cm, applied.view(xp.bool_)
 
 
@@ -872,7 +880,7 @@ def run_sums(calib, sum_keys, acc, host: bool = False):
         nsums = min(len(sum_keys) - k0, RUN_SUMS_MAX)   # 0: only the maxima
         kind = xp.asarray([c[0] for c in chunk], dtype=xp.int32)
         thr = xp.asarray([c[1] for c in chunk], dtype=xp.float32)
-        rows = sums[k0:k0 + max(nsums, 1)] if nsums else xp.zeros((1, npix), xp.float64)
+        rows = sums[k0:k0 + nsums] if nsums else xp.zeros((1, npix), xp.float64)
         first_max = has_max if k0 == 0 else 0
         blocks = -(-npix // RUN_SUMS_BLOCK)
         if host:
@@ -1098,20 +1106,19 @@ def cspad_common_mode_gpu(adu, good, nseg: int, mode: int, mean_max: float,
     if nbatch == 0:
         return cm, flag
     mean_max, rms_max, thresh, fallback = _cspad_pars(mode, mean_max, rms_max, thresh, fallback)
-    for b0 in range(0, nbatch, CM_MAX_GRID_Y):
-        b1 = min(nbatch, b0 + CM_MAX_GRID_Y)
+    for b, count in _event_chunks(nbatch):
         if mode == 5:
             get_function("cm_cspad", "cspad_mode5")(
-                (-(-nseg // CSPAD_MODE5_BLOCK), b1 - b0), (CSPAD_MODE5_BLOCK,),
-                (adu[b0:b1], np.int32(nseg), np.int32(segpix), np.float64(mean_max),
-                 cm[b0:b1], flag[b0:b1]))
+                (-(-nseg // CSPAD_MODE5_BLOCK), count), (CSPAD_MODE5_BLOCK,),
+                (adu[b], np.int32(nseg), np.int32(segpix), np.float64(mean_max),
+                 cm[b], flag[b]))
         else:
-            g = good[b0:b1] if stride else good
+            g = good[b] if stride else good
             get_function("cm_cspad", "cspad_mode1")(
-                (nseg, b1 - b0), (int(block or CSPAD_BLOCK),),
-                (adu[b0:b1], g, np.int64(stride), np.int32(nseg), np.int32(segpix),
+                (nseg, count), (int(block or CSPAD_BLOCK),),
+                (adu[b], g, np.int64(stride), np.int32(nseg), np.int32(segpix),
                  np.float64(mean_max), np.float64(rms_max), np.int32(thresh),
-                 np.int32(fallback), np.int32(depth), cm[b0:b1], flag[b0:b1]))
+                 np.int32(fallback), np.int32(depth), cm[b], flag[b]))
     return cm, flag
 
 

@@ -109,10 +109,9 @@ class DetectorProcessor:
         if raw.shape[1:] != self.model.shape:
             raise FrameError(f"{self.cfg.name}: frames of shape {raw.shape[1:]}, "
                               f"a {self.model.type} has {self.model.shape}")
-        out, on_backend = {}, {}
+        out = {}
         calib, stats = self.calibrate(raw, step)
-        for key, value in stats.items():
-            on_backend[f"common_mode_{key}"] = value
+        on_backend = {f"common_mode_{key}": value for key, value in stats.items()}
         self.sums.update(calib)
         self.last_calib = calib            # for the user functions of the batch
         for feature in self.features:

@@ -44,6 +44,13 @@ def host_key(directory: Path = SHM_DIR) -> str | None:
     return f"{boot}:{st.st_dev}:{st.st_ino}:{os.getuid()}"
 
 
+def _unmap(m: mmap.mmap):
+    try:
+        m.close()
+    except BufferError:          # a view still in use (a frame queued for sending): the
+        pass                     # mapping goes with it
+
+
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -96,10 +103,7 @@ class Slot:
 
     def close(self):
         self.arrays = {}
-        try:
-            self.map.close()
-        except BufferError:          # a frame still queued for sending: unmapped at exit
-            pass
+        _unmap(self.map)
         self.path.unlink(missing_ok=True)
 
 
@@ -181,11 +185,7 @@ class SlotReader:
         return m
 
     def _unmap(self, name: str):
-        m = self.maps.pop(name)
-        try:
-            m.close()
-        except BufferError:          # a view still in use: unmapped when it goes
-            pass
+        _unmap(self.maps.pop(name))
 
     def arrays(self, desc) -> dict[str, np.ndarray]:
         """{det: (n, *shape) read-only array} of a batch header's "shm" entry; raises
