@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -373,51 +373,72 @@ def run_batches(procs: Mapping, reader: Callable, n_events: int, batch_size: int
     """Feed every batch [start, stop) of events to ``consume(start, stop, frames)``, in
     order, once; frames = {det: raw (stop - start, *shape)} read with
     ``reader(det, start, stop)`` for each detector of ``procs``. Returns the number of
-    batches.
+    batches. See :func:`stream_batches`."""
+    dets = list(procs)
+    items = (((a, b), {det: reader(det, a, b) for det in dets})
+             for a, b in batch_ranges(n_events, batch_size))
+    return stream_batches(procs, items, batch_size, backend,
+                          lambda key, frames: consume(key[0], key[1], frames), device, read_ahead)
+
+
+def stream_batches(procs: Mapping, items: Iterable, batch_size: int, backend, consume: Callable,
+                   device=None, read_ahead: bool = True) -> int:
+    """Feed every ``(key, frames)`` of ``items`` (frames = {det: raw (B, *shape)}, B <=
+    ``batch_size``, for each detector of ``procs``) to ``consume(key, frames)``, in order,
+    once. Returns the number of batches.
 
     On the CPU backend (and no ``device``) this is the plain loop. On the GPU, frames
-    are device arrays: batch k + 1 is read from the file (in a thread, with
-    ``read_ahead``) and its host -> device copy started before batch k is consumed, so
-    the copy overlaps batch k's compute. The device arrays are reused: ``consume`` must
-    not keep references to them past its return (calibrated data are new arrays)."""
-    ranges = batch_ranges(n_events, batch_size)
+    are device arrays: item k + 1 is read (in a thread, with ``read_ahead``) and its
+    host -> device copy started before item k is consumed, so the copy overlaps item k's
+    compute. The device arrays are reused: ``consume`` must not keep references to them
+    past its return (calibrated data are new arrays)."""
+    if batch_size < 1:
+        raise GpusmdError(f"batch size must be at least 1, got {batch_size}")
     dets = list(procs)
-
-    def read(k):
-        a, b = ranges[k]
-        return {det: reader(det, a, b) for det in dets}
-
+    items = iter(items)
     if device is None and not backend.is_gpu:
-        for k, (a, b) in enumerate(ranges):
-            consume(a, b, read(k))
-        return len(ranges)
-    if not ranges:
+        n = 0
+        for key, frames in items:
+            consume(key, frames)
+            n += 1
+        return n
+    end = object()
+    first = next(items, end)
+    if first is end:
         return 0
     device = device if device is not None else CupyDevice()
     slots = {det: DeviceBatches(batch_size, device) for det in dets}
     pool = ThreadPoolExecutor(1, thread_name_prefix="gpusmd-read") if read_ahead else None
     pending = None
+    n = 0
     try:
         device.synchronize()             # constants uploaded on other streams are in place
-        first = read(0)
+        key = first[0]
         for det in dets:
-            slots[det].put(0, first[det])
-        if pool is not None and len(ranges) > 1:
-            pending = pool.submit(read, 1)
-        for k, (a, b) in enumerate(ranges):
-            if k + 1 < len(ranges):      # batch k + 1: from the file, onto the bus
-                host = pending.result() if pool is not None else read(k + 1)
-                pending = None
-                if pool is not None and k + 2 < len(ranges):
-                    pending = pool.submit(read, k + 2)
+            slots[det].put(0, first[1][det])
+        del first
+        if pool is not None:
+            pending = pool.submit(next, items, end)
+        k = 0
+        while True:
+            nxt = pending.result() if pool is not None else next(items, end)
+            pending = None
+            if nxt is not end:           # item k + 1: read, onto the bus
+                if pool is not None:
+                    pending = pool.submit(next, items, end)
                 for det in dets:
-                    slots[det].put(k + 1, host[det])
-                del host
+                    slots[det].put(k + 1, nxt[1][det])
             frames = {det: slots[det].get(k) for det in dets}
-            consume(a, b, frames)
+            consume(key, frames)
+            n += 1
             del frames
             for det in dets:
                 slots[det].release(k)
+            if nxt is end:
+                break
+            key = nxt[0]
+            del nxt
+            k += 1
     except Exception as e:
         if _out_of_memory(e):            # CuPy's OutOfMemoryError: say which batch fits
             raise _memory_error(procs, batch_size, e) from e
@@ -429,7 +450,7 @@ def run_batches(procs: Mapping, reader: Callable, n_events: int, batch_size: int
             pool.shutdown(wait=True)
         for s in slots.values():
             s.close()
-    return len(ranges)
+    return n
 
 
 def _memory_error(procs, batch_size, e) -> GpusmdError:

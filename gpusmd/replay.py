@@ -1,4 +1,5 @@
-"""Offline replay in one process: raw run -> per-detector processing -> output file.
+"""Offline replay in one process: a run (any source of gpusmd.io.source) -> per-detector
+processing -> output file.
 
 Everything that can be refused (config, detectors missing from the run, constants,
 ROI bounds, passthrough names) is checked while the processors are built, before the
@@ -19,7 +20,7 @@ from .backend import Backend, get_backend
 from .config import Config
 from .errors import ConfigError, GpusmdError
 from .io.output import SmallDataWriter
-from .io.raw import RawRun
+from .io.source import EventBatch, open_run
 from .features import concat_columns
 from .processor import DetectorProcessor
 from .runinfo import RunInfo
@@ -51,15 +52,15 @@ def build_processors(config: Config, info: RunInfo, backend: Backend) -> dict[st
     return procs
 
 
-def passthrough_names(config: Config, run: RawRun) -> list[str]:
+def passthrough_names(config: Config, run) -> list[str]:
     if config.passthrough is True:
-        return sorted(run.scalars)
+        return sorted(run.scalar_dtypes)
     if config.passthrough is False:
         return []
-    missing = [n for n in config.passthrough if n not in run.scalars]
+    missing = [n for n in config.passthrough if n not in run.scalar_dtypes]
     if missing:
-        raise ConfigError(f"{config.source}: passthrough: {missing} not in {run.path} "
-                          f"(it has: {', '.join(sorted(run.scalars)) or 'none'})")
+        raise ConfigError(f"{config.source}: passthrough: {missing} not in {run.source} "
+                          f"(it has: {', '.join(sorted(run.scalar_dtypes)) or 'none'})")
     return list(config.passthrough)
 
 
@@ -100,22 +101,22 @@ def reduce_frames(procs, frames: dict, steps: dict, user_functions=()) -> dict[s
     return columns
 
 
-def process_batch(procs, run: RawRun, start: int, stop: int, scalars,
-                  config: Config, frames: dict | None = None) -> dict[str, np.ndarray]:
-    """frames: the raw frames of the batch when already read (on the device, by
-    gpu_pipeline.run_batches); read from the run when None."""
-    columns = {"event_id": run.event_id[start:stop], "timestamp": run.timestamp[start:stop]}
+def process_batch(procs, batch: EventBatch, scalars, config: Config,
+                  frames: dict | None = None) -> dict[str, np.ndarray]:
+    """The output columns of a batch of events. frames: the batch's raw frames where
+    they are elsewhere (on the device, by gpu_pipeline.stream_batches); else the batch's
+    own."""
+    columns = {"event_id": batch.event_id, "timestamp": batch.timestamp}
     for name in scalars:
-        columns[name] = run.scalars[name][start:stop]
-    if frames is None:
-        frames = {det: run.read(det, start, stop) for det in procs}
-    steps = {det: run.steps(det)[start:stop] for det in procs}
+        columns[name] = batch.scalars[name]
+    frames = batch.frames if frames is None else frames
+    steps = {det: batch.steps[det] for det in procs}
     return {**columns, **reduce_frames(procs, frames, steps, config.user_functions)}
 
 
-def provenance(config: Config, backend: str, raw_path, experiment: str, run: int) -> dict:
+def provenance(config: Config, backend: str, source, experiment: str, run: int) -> dict:
     return {"gpusmd_version": __version__, "config": config.text, "config_file": config.source,
-            "backend": backend, "host": socket.gethostname(), "raw_file": str(raw_path),
+            "backend": backend, "host": socket.gethostname(), "raw_file": str(source),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
             "experiment": experiment, "run": run}
 
@@ -137,38 +138,43 @@ def write_run_end(writer: SmallDataWriter, procs, attrs: dict):
     writer.set_attrs(attrs)
 
 
-def replay(raw_path, config: Config, out_path, backend: Backend | None = None,
+def replay(source, config: Config, out_path, backend: Backend | None = None,
            batch_size: int | None = None, progress: bool = True,
            max_events: int | None = None) -> ReplaySummary:
+    """Reduce the run ``source`` (a raw HDF5 file, an XTC2 file or directory, a psana
+    DataSource string) into ``out_path``."""
     backend = backend or get_backend(config.backend)
     batch = batch_size or config.batch_size
-    with RawRun(raw_path) as run:
-        procs = build_processors(config, RunInfo.from_raw(run), backend)
+    with open_run(source, list(config.detectors)) as run:
+        procs = build_processors(config, RunInfo.from_run(
+            run, detectors=[d for d in config.detectors if d in run.detectors]), backend)
         scalars = passthrough_names(config, run)
-        n = run.n_events if max_events is None else min(max_events, run.n_events)
+        total = run.n_events if max_events is None or run.n_events is None \
+            else min(max_events, run.n_events)
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         writer = SmallDataWriter(out_path, config.compression)
         t0 = time.perf_counter()
+        n = 0
         try:
             write_user_data_cfg(writer, procs)
-            with tqdm(total=n, unit="ev", disable=not progress, desc=out_path.name) as bar:
-                if backend.is_gpu:       # batch k+1 crosses the bus while k is processed
-                    from .gpu_pipeline import run_batches
-
-                    def consume(start, stop, frames):
-                        writer.append(process_batch(procs, run, start, stop, scalars, config,
-                                                    frames))
-                        bar.update(stop - start)
-                    run_batches(procs, run.read, n, batch, backend, consume)
-                else:
-                    for start in range(0, n, batch):
-                        stop = min(n, start + batch)
-                        writer.append(process_batch(procs, run, start, stop, scalars, config))
-                        bar.update(stop - start)
+            with tqdm(total=total, unit="ev", disable=not progress, desc=out_path.name) as bar:
+                def consume(b: EventBatch, frames):
+                    nonlocal n
+                    if b.errors:
+                        writer.add_errors(b.errors)
+                    if len(b):
+                        writer.append(process_batch(procs, b, scalars, config, frames))
+                    n += len(b)
+                    bar.update(len(b))
+                from .gpu_pipeline import stream_batches
+                # on a GPU, batch k+1 crosses the bus while k is processed
+                stream_batches(procs, ((b, b.frames) for b in run.batches(
+                    batch, max_events, detectors=list(procs))), batch, backend, consume)
             seconds = time.perf_counter() - t0
-            write_run_end(writer, procs, provenance(config, backend.name, run.path,
-                                                    run.experiment, run.run))
+            write_run_end(writer, procs, {**provenance(config, backend.name, run.source,
+                                                       run.experiment, run.run),
+                                          "n_errors": writer.n_errors})
             datasets = []
             writer.f.visititems(lambda name, obj: datasets.append(name)
                                 if hasattr(obj, "shape") else None)

@@ -1,6 +1,7 @@
 """What the processing of a run needs to know before its first event: the run number,
 the detectors (type and configuration) and the per-event scalars. The in-process replay
-takes it from the raw file; the services send it as the ``begin_run`` message."""
+takes it from the run (any source of gpusmd.io.source); the services send it as the
+``begin_run`` message."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,7 +10,6 @@ import numpy as np
 
 from .detectors import DetectorModel, get_detector
 from .errors import GpusmdError
-from .io.raw import RawRun
 
 
 @dataclass
@@ -23,15 +23,15 @@ class RunInfo:
     n_events: int | None = None
 
     @classmethod
-    def from_raw(cls, raw: RawRun, scalars=None) -> "RunInfo":
-        names = raw.scalars if scalars is None else scalars
-        bits = {}
-        for det in raw.detectors:
-            steps = np.unique(raw.steps(det))
-            per_step = {int(s): raw.control_bits(det, int(s)) for s in steps}
-            bits[det] = {s: cb for s, cb in per_step.items() if cb is not None}
-        return cls(raw.run, dict(raw.detectors), {n: raw.scalars[n].dtype.str for n in names},
-                   bits, raw.experiment, str(raw.path), raw.n_events)
+    def from_run(cls, run, scalars=None, detectors=None) -> "RunInfo":
+        """From an open run; ``scalars``: the names to pass on (all when None);
+        ``detectors``: the names whose control bits are needed (all when None)."""
+        names = run.scalar_dtypes if scalars is None else scalars
+        dets = run.detectors if detectors is None else detectors
+        bits = {det: run.step_control_bits(det) for det in dets}
+        return cls(run.run, dict(run.detectors), {n: run.scalar_dtypes[n].str for n in names},
+                   {det: b for det, b in bits.items() if b}, run.experiment, run.source,
+                   run.n_events)
 
     def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:
         header = {"kind": "begin_run", "run": self.run, "experiment": self.experiment,

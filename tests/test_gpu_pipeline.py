@@ -8,7 +8,8 @@ from gpusmd.backend import Backend
 from gpusmd.detectors import DETECTORS, get_detector
 from gpusmd.errors import GpusmdError
 from gpusmd.gpu_pipeline import (DeviceBatches, batch_ranges, check_fits, largest_batch,
-                                 main_memory, memory_report, run_batches)
+                                 main_memory, memory_report, run_batches,
+                                 stream_batches)
 
 from conftest import gpu_available
 
@@ -314,12 +315,12 @@ def test_run_batches_with_processors(simulated, tmp_path):
 
     def reduce(device):
         with RawRun(data) as run:
-            procs = build_processors(config, RunInfo.from_raw(run), CPU)
+            procs = build_processors(config, RunInfo.from_run(run), CPU)
             cols = []
-            run_batches(procs, run.read, run.n_events, 6, CPU,
-                        lambda a, b, frames: cols.append(
-                            process_batch(procs, run, a, b, [], config, frames)),
-                        device=device)
+            stream_batches(procs, ((b, b.frames) for b in run.batches(6)), 6, CPU,
+                           lambda b, frames: cols.append(
+                               process_batch(procs, b, [], config, frames)),
+                           device=device)
             return cols, procs["epix100"].run_sums()["calib"]
 
     outs = {"plain": reduce(None), "fake": reduce(FakeDevice())}

@@ -194,7 +194,7 @@ def test_malformed_messages_are_recorded_and_skipped(setup):
         sock = ctx.socket(zmq.PUSH)
         sock.connect(chain.addresses["ingest_in"])
         with RawRun(setup / "run.h5") as run:
-            info = RunInfo.from_raw(run)
+            info = RunInfo.from_run(run)
             sock.send_multipart(encode(*info.to_message()))
             frames = run.read(DET, 0, run.n_events)
             for i in range(run.n_events):

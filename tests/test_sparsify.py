@@ -157,7 +157,7 @@ def replayed(tmp_path_factory):
     replay(data, config, out, get_backend(), progress=False)
     # the calibrated frames the features saw: one processor, one batch of all events
     with RawRun(data) as raw:
-        proc = build_processors(config, RunInfo.from_raw(raw), get_backend("cpu"))[DET]
+        proc = build_processors(config, RunInfo.from_run(raw), get_backend("cpu"))[DET]
         proc.process(raw.read(DET, 0, raw.n_events))
     calib = np.asarray(proc.last_calib)
     return d, out, calib, proc.masks["cmask"]

@@ -323,7 +323,7 @@ def epix100_run(simulated, tmp_path):
             sums: [calib]
         """))
     with RawRun(data) as run:
-        info = RunInfo.from_raw(run, scalars=())
+        info = RunInfo.from_run(run, scalars=())
         raw = run.read("epix100", 0, run.n_events)
         msgs = [encode(*info.to_message())]
         for k, a in enumerate(range(0, run.n_events, 4)):

@@ -46,7 +46,7 @@ import numpy as np
 from ..detectors import ADC_MASK, DetectorModel
 from ..errors import ConstantsError, RawFileError
 from ..io.h5 import open_h5
-from ..io.raw import RawRun
+from ..io.source import open_run
 from .constants import RUN_ANY, Constants
 
 RMS_HIGH, RMS_LOW, SATURATED, COLD, MEAN_HIGH, MEAN_LOW, BAD_GAIN, NO_DATA = (
@@ -83,18 +83,6 @@ def robust_centre_sigma(values: np.ndarray) -> tuple[float, float]:
     return c, max(s, 1e-6)
 
 
-def _batches(steps: np.ndarray, batch: int):
-    """(start, stop, step) ranges of events with one config step, at most ``batch`` long."""
-    n = len(steps)
-    start = 0
-    while start < n:
-        stop = start + 1
-        while stop < n and stop - start < batch and steps[stop] == steps[start]:
-            stop += 1
-        yield start, stop, int(steps[start])
-        start = stop
-
-
 class _Acc:
     """Per gain range accumulators, allocated for the ranges that occur."""
 
@@ -118,22 +106,21 @@ class _Acc:
         return g
 
 
-def _accumulate(run: RawRun, det: str, model: DetectorModel, batch: int, reject=None) -> _Acc:
+def _accumulate(run, det: str, model: DetectorModel, batch: int, reject=None) -> _Acc:
     """One pass over the run. reject: None or (pedestal, rms, k) per gain range (dicts)."""
     acc = _Acc(model)
     npix = model.npix
     amax = adc_max(model)
     cbits = {}
-    for start, stop, step in _batches(run.steps(det), batch):
-        raw = run.read(det, start, stop).reshape(stop - start, npix)
+    for b in run.batches(batch, detectors=[det], one_step=True):
+        if not len(b):
+            continue
+        raw = b.frames[det].reshape(len(b), npix)
+        step = int(b.steps[det][0])
         cb = None
         if model.family == "epix10k":
             if step not in cbits:
-                try:
-                    cbits[step] = run.control_bits(det, step).reshape(npix)
-                except (IndexError, ValueError) as e:
-                    raise RawFileError(f"{run.path}: /{det}/config has no configuration step "
-                                       f"{step} ({e})") from None
+                cbits[step] = run.control_bits(det, step).reshape(npix)
             cb = cbits[step]
         gi = model.gain_index(raw, cb)
         adc = model.adc(raw)
@@ -171,7 +158,7 @@ def _moments(acc: _Acc, g):
     return mean, np.sqrt(np.clip(var, 0, None))
 
 
-def dark_constants(run: RawRun, det: str, gain: np.ndarray | None = None, run_max: int = RUN_ANY,
+def dark_constants(run, det: str, gain: np.ndarray | None = None, run_max: int = RUN_ANY,
                    outlier_sigma: float | None = None, nsigma: float = 6.0,
                    batch_events: int | None = None) -> Constants:
     """Constants of one detector of an open dark run (see the module docstring)."""
@@ -183,7 +170,7 @@ def dark_constants(run: RawRun, det: str, gain: np.ndarray | None = None, run_ma
                if g not in acc.n or not acc.n[g].any()]
     if missing:
         raise RawFileError(
-            f"{run.path}: {det}: no dark frames in gain range(s) {', '.join(missing)}; a dark "
+            f"{run.source}: {det}: no dark frames in gain range(s) {', '.join(missing)}; a dark "
             f"run needs frames in {', '.join(model.gain_names[g] for g in required_gains(model))}"
             f" (is this a dark run?)")
     ped = np.zeros((ngain, npix), np.float64)
@@ -234,7 +221,7 @@ def dark_constants(run: RawRun, det: str, gain: np.ndarray | None = None, run_ma
         c.gain = np.asarray(gain, np.float32).reshape(full)
     c.run_min = run.run
     c.run_max = int(run_max)
-    c.source = f"dark run {run.run} ({run.path.name})"
+    c.source = f"dark run {run.run} ({run.name})"
     frames = np.array([int(acc.n[g].max()) if g in acc.n else 0 for g in range(ngain)], np.int64)
     c.attrs = {"dark_frames": frames, "status_nsigma": float(nsigma),
                "outlier_sigma": float(outlier_sigma) if outlier_sigma is not None else -1.0,
@@ -259,24 +246,26 @@ def _load_gain(gain_path, det: str, model: DetectorModel) -> np.ndarray:
     return gain
 
 
-def process_dark(raw_path, out_path, detectors=None, gain_path=None, run_max: int = RUN_ANY,
+def process_dark(source, out_path, detectors=None, gain_path=None, run_max: int = RUN_ANY,
                  outlier_sigma: float | None = None, nsigma: float = 6.0) -> dict[str, Constants]:
-    """Constants of every (or the named) detector of a raw dark run, written to
-    ``out_path`` (replaced) with ``Constants.save``; returns {det: Constants}."""
-    raw_path, out_path = Path(raw_path), Path(out_path)
+    """Constants of every (or the named) detector of a dark run (any source of
+    gpusmd.io.source), written to ``out_path`` (replaced) with ``Constants.save``;
+    returns {det: Constants}."""
+    out_path = Path(out_path)
     if outlier_sigma is not None and not outlier_sigma > 0:
         raise ValueError(f"outlier_sigma must be > 0, got {outlier_sigma}")
     out = {}
-    with RawRun(raw_path) as run:
+    wanted = None if detectors is None else (
+        [detectors] if isinstance(detectors, str) else list(detectors))
+    with open_run(source, wanted) as run:
         if run.n_events == 0:
-            raise RawFileError(f"{raw_path}: the dark run has no events")
+            raise RawFileError(f"{run.source}: the dark run has no events")
         if not run.detectors:
-            raise RawFileError(f"{raw_path}: no detector in the raw file")
-        names = list(run.detectors) if detectors is None else (
-            [detectors] if isinstance(detectors, str) else list(detectors))
+            raise RawFileError(f"{run.source}: no detector in the run")
+        names = list(run.detectors) if wanted is None else wanted
         unknown = [d for d in names if d not in run.detectors]
         if unknown:
-            raise RawFileError(f"{raw_path}: no detector {', '.join(map(repr, unknown))} "
+            raise RawFileError(f"{run.source}: no detector {', '.join(map(repr, unknown))} "
                                f"(has: {', '.join(run.detectors)})")
         gains = {d: _load_gain(gain_path, d, run.detectors[d]) if gain_path else None
                  for d in names}

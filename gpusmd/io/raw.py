@@ -21,6 +21,7 @@ import numpy as np
 from ..detectors import DetectorModel, epix10k_control_bits, get_detector
 from ..errors import GpusmdError, RawFileError
 from .h5 import open_h5
+from .source import EventBatch, step_split
 
 FORMAT = "gpusmd-raw"
 FORMAT_VERSION = 1
@@ -32,6 +33,7 @@ class RawRun:
 
     def __init__(self, path):
         self.path = Path(path)
+        self.source, self.name = str(self.path), self.path.name
         self._h5 = open_h5(self.path, "raw file", RawFileError)
         try:
             self._load()
@@ -94,6 +96,28 @@ class RawRun:
         return model
 
     # ---- access ----------------------------------------------------------------------
+    @property
+    def scalar_dtypes(self) -> dict[str, np.dtype]:
+        return {n: v.dtype for n, v in self.scalars.items()}
+
+    def batches(self, batch_size: int, max_events: int | None = None, detectors=None,
+                one_step: bool = False):
+        """The events in order as EventBatch objects of at most ``batch_size`` events;
+        with ``one_step`` a batch never spans two configuration steps of a detector."""
+        dets = list(self.detectors) if detectors is None else list(detectors)
+        n = self.n_events if max_events is None else min(max_events, self.n_events)
+        steps = {d: self.steps(d) for d in dets}
+        start = 0
+        while start < n:
+            stop = min(n, start + batch_size)
+            if one_step:
+                stop = step_split(steps, start, stop)
+            yield EventBatch(start, self.event_id[start:stop], self.timestamp[start:stop],
+                             {k: v[start:stop] for k, v in self.scalars.items()},
+                             {d: self.read(d, start, stop) for d in dets},
+                             {d: s[start:stop] for d, s in steps.items()})
+            start = stop
+
     def read(self, det: str, start: int, stop: int) -> np.ndarray:
         """Raw frames of events [start, stop) of one detector."""
         return self._h5[det]["raw"][start:stop]
@@ -112,7 +136,17 @@ class RawRun:
         if self.detectors[det].family != "epix10k":
             return None
         cfg = self._h5[det]["config"]
+        n = len(cfg["pixel_config"])
+        if not 0 <= step < n:
+            raise RawFileError(f"{self.path}: /{det}/config has no configuration step {step} "
+                               f"(it has {n})")
         return epix10k_control_bits(cfg["pixel_config"][step], cfg["trbit"][step])
+
+    def step_control_bits(self, det: str) -> dict[int, np.ndarray]:
+        """{step: control bits} of every step the run's events use (epix10k; else {})."""
+        if self.detectors[det].family != "epix10k":
+            return {}
+        return {int(s): self.control_bits(det, int(s)) for s in np.unique(self.steps(det))}
 
     def close(self):
         self._h5.close()

@@ -1,6 +1,7 @@
-"""A DAQ simulator / raw-file replayer: sends a raw run to the ingest node, event by
-event, at a given rate or as fast as the chain takes them (its sends block when the
-ingest stops reading: that is the backpressure)."""
+"""A DAQ simulator / run replayer: sends a run (a raw HDF5 file, an XTC2 file or any
+psana source) to the ingest node, event by event, at a given rate or as fast as the
+chain takes them (its sends block when the ingest stops reading: that is the
+backpressure)."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +10,7 @@ import time
 import zmq
 
 from ..config import Config
-from ..io.raw import RawRun
+from ..io.source import open_run
 from ..replay import passthrough_names
 from ..runinfo import RunInfo
 from .common import open_socket
@@ -19,40 +20,41 @@ log = logging.getLogger("gpusmd.publish")
 READ_EVENTS = 16           # events read from the file at a time
 
 
-def publish(raw_path, config: Config, rate: float = 0.0, max_events: int | None = None,
+def publish(source, config: Config, rate: float = 0.0, max_events: int | None = None,
             address: str | None = None, ctx: zmq.Context | None = None) -> int:
-    """Send begin_run, the events and end; returns the number of events sent."""
+    """Send begin_run, the events and end; returns the number of events sent. A psana
+    source sends the config's detectors (all it reads when the config names none)."""
     ctx = ctx or zmq.Context.instance()
     cfg = config.services
-    sock = open_socket(ctx, zmq.PUSH, address or cfg.ingest_in, False, cfg)
-    sock.linger = -1            # everything queued is delivered before close returns
-    try:
-        with RawRun(raw_path) as run:
-            scalars = passthrough_names(config, run)
-            info = RunInfo.from_raw(run, scalars)
+    with open_run(source, list(config.detectors) or None) as run:
+        scalars = passthrough_names(config, run)
+        info = RunInfo.from_run(run, scalars)
+        sock = open_socket(ctx, zmq.PUSH, address or cfg.ingest_in, False, cfg)
+        sock.linger = -1            # everything queued is delivered before close returns
+        try:
             sock.send_multipart(encode(*info.to_message()))
-            n = run.n_events if max_events is None else min(max_events, run.n_events)
-            steps = {det: run.steps(det) for det in run.detectors}
             t0 = time.perf_counter()
-            for start in range(0, n, READ_EVENTS):
-                stop = min(n, start + READ_EVENTS)
-                frames = {det: run.read(det, start, stop) for det in run.detectors}
-                for i in range(start, stop):
+            n = 0
+            for batch in run.batches(READ_EVENTS, max_events):
+                for event_id, stage, reason in batch.errors:
+                    log.warning("event %d not sent (%s): %s", event_id, stage, reason)
+                for j in range(len(batch)):
                     if rate > 0:
-                        delay = t0 + i / rate - time.perf_counter()
+                        delay = t0 + n / rate - time.perf_counter()
                         if delay > 0:
                             time.sleep(delay)
-                    header = {"kind": "event", "run": run.run, "event": int(run.event_id[i]),
-                              "timestamp": int(run.timestamp[i]),
-                              "scalars": {s: run.scalars[s][i].item() for s in scalars},
-                              "steps": {det: int(steps[det][i]) for det in run.detectors}}
-                    sock.send_multipart(encode(header, {det: f[i - start]
-                                                        for det, f in frames.items()}),
+                    header = {"kind": "event", "run": run.run, "event": int(batch.event_id[j]),
+                              "timestamp": int(batch.timestamp[j]),
+                              "scalars": {s: batch.scalars[s][j].item() for s in scalars},
+                              "steps": {det: int(st[j]) for det, st in batch.steps.items()}}
+                    sock.send_multipart(encode(header, {det: f[j]
+                                                        for det, f in batch.frames.items()}),
                                         copy=False)
+                    n += 1
             sock.send_multipart(encode({"kind": "end", "run": run.run}))
             seconds = time.perf_counter() - t0
-        log.info("published %d events in %.2f s (%.1f events/s)", n, seconds,
-                 n / seconds if seconds else float("inf"))
-        return n
-    finally:
-        sock.close()
+        finally:
+            sock.close()
+    log.info("published %d events in %.2f s (%.1f events/s)", n, seconds,
+             n / seconds if seconds else float("inf"))
+    return n

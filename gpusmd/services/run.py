@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..errors import GpusmdError
-from ..io.raw import RawRun
+from ..io.source import open_run
 from ..replay import ReplaySummary
 from .local import LocalServices
 from .publish import publish
@@ -15,19 +15,19 @@ from .publish import publish
 log = logging.getLogger("gpusmd.up")
 
 
-def replay_via_services(raw_path, config_path, output, n_workers: int = 2, backend: str = "auto",
+def replay_via_services(source, config_path, output, n_workers: int = 2, backend: str = "auto",
                         max_events: int | None = None, timeout: float = 3600.0,
                         log_dir=None) -> ReplaySummary:
     """publish -> ingest -> N workers -> sink, each a process on loopback; waits for the
     sink to close the file."""
     config = load_config(config_path)
-    with RawRun(raw_path):          # refuse a bad raw file before starting anything
+    with open_run(source, list(config.detectors) or None):   # refuse a bad source first
         pass
     output = Path(output)
     t0 = time.perf_counter()
     with LocalServices(config_path, output, n_workers, backend, log_dir=log_dir) as chain:
         config.services.__dict__.update(chain.addresses)
-        n = publish(raw_path, config, max_events=max_events)
+        n = publish(source, config, max_events=max_events)
         status = chain.wait_sink(timeout)
     if status != 0:
         raise GpusmdError(f"the sink exited with status {status}; {output} may be incomplete")
