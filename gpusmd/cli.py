@@ -106,6 +106,34 @@ def cmd_demo(args):
     run_demo(args.outdir, detector=args.detector, n_events=args.events, backend=args.backend)
 
 
+def cmd_constants(args):
+    from .calib import psana_constants as pc
+    from .calib.constants import Constants
+    if args.action == "to-psana":
+        det = pc.detector_in(args.constants, args.detector)
+        consts = Constants.load(args.constants, det)
+        calibconst = pc.to_psana(consts, args.psana_detector or det, args.experiment, args.run)
+        files = pc.write_psana_dir(calibconst, args.output, fmt=args.format, force=args.force)
+        print(f"{det}: {consts.model.type} -> psana {', '.join(calibconst)} "
+              f"(offset folded into pedestals)")
+        for cmd in pc.sidecar_of(args.output).get("cdb_add", []):
+            print(f"  {cmd}")
+        print(f"wrote {len(files)} files to {args.output}")
+        return
+    out = pc.check_output(args.output, args.force)
+    if args.action == "from-psana":
+        det, consts = pc.from_psana_dir(args.source, args.type)
+        det = args.detector or det
+        if not det:
+            raise GpusmdError(f"{args.source}: names no detector; give --detector")
+    else:
+        det = args.detector
+        consts = pc.from_run(args.source, det, args.type)
+    pc.save_constants(consts, out, det, force=args.force)
+    print(f"{det}: {consts.model.type}, {consts.model.ngain} gain range(s) from {consts.source}")
+    print(f"wrote {out}")
+
+
 def add_service_args(s, service: bool = True):
     from .config import ADDRESS_KEYS
     s.add_argument("--config", required=True)
@@ -204,6 +232,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--events", type=int, default=100)
     s.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("constants", help="convert calibration constants to and from psana's")
+    cs = s.add_subparsers(dest="action", required=True)
+    c = cs.add_parser("to-psana", help="psana's constants files (for cdb add) and a JSON sidecar")
+    c.add_argument("constants", help="gpusmd constants file")
+    c.add_argument("--detector", help="detector in the file (default: its only one)")
+    c.add_argument("-o", "--output", required=True, help="directory for the files")
+    c.add_argument("--psana-detector", help="the detector's name in psana (default --detector)")
+    c.add_argument("--experiment", default="")
+    c.add_argument("--run", type=int, default=None, help="first valid run (default run_min)")
+    c.add_argument("--format", choices=("data", "npy"), default="data",
+                   help="psana's NDArrIO text (.data) or NumPy (.npy)")
+    c.add_argument("--force", action="store_true", help="replace constants files there")
+    c.set_defaults(func=cmd_constants)
+    for name, text, src in [("from-psana", "a gpusmd constants file from psana's files",
+                             "directory of psana constants files"),
+                            ("from-db", "a gpusmd constants file from psana's database",
+                             "XTC2 file or directory, or exp=EXP:run=N[:dir=DIR]")]:
+        c = cs.add_parser(name, help=text)
+        c.add_argument("source", help=src)
+        c.add_argument("-o", "--output", required=True, help="gpusmd constants file")
+        c.add_argument("--detector", required=name == "from-db",
+                       help="detector name" + (" in the run" if name == "from-db" else
+                                               " (default: the sidecar's)"))
+        c.add_argument("--type", help="gpusmd detector type (default: from the shapes)")
+        c.add_argument("--force", action="store_true", help="replace an existing output")
+        c.set_defaults(func=cmd_constants)
     return p
 
 
