@@ -1,0 +1,296 @@
+"""psana2 as a source and as the reference: XTC2 runs written with psana's own writer
+from simulated raw runs; their replay, dark and services file equal those of the raw
+file; psana's det.raw.calib (constants injected) equals gpusmd's calibration bit for
+bit; epix10ka gain ranges decoded from a configuration in psana's ASIC order equal
+psana's; bad psana sources are refused in one line, before any output."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from psana import DataSource   # a test requirement (CI installs psana): never skipped
+
+from gpusmd.backend import get_backend
+from gpusmd.calib.constants import Constants
+from gpusmd.calib.dark import process_dark
+from gpusmd.calib.psana_constants import to_psana
+from gpusmd.config import load_config
+from gpusmd.errors import RawFileError
+from gpusmd.io.compare import read_datasets
+from gpusmd.io.psana_layout import (panel_from_psana_asics, psana_asics_from_panel,
+                                    psana_time_to_ns, ns_to_psana_time, trbit_from_psana,
+                                    trbit_to_psana)
+from gpusmd.io.source import open_run
+from gpusmd.io.xtc2 import write_xtc2
+from gpusmd.replay import build_processors, replay
+from gpusmd.runinfo import RunInfo
+from gpusmd.simulate import simulate_run
+
+from conftest import assert_same_datasets
+
+CPU = get_backend("cpu")
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """twins(detector) -> folder with dark.h5 / dark.xtc2, constants.h5 (from dark.h5),
+    run.h5 / run.xtc2: one simulated detector, each run in both forms."""
+    cache = {}
+
+    def make(det):
+        if det not in cache:
+            d = tmp_path_factory.mktemp(det)
+            simulate_run(d / "dark.h5", det, n_events=4, dark=True, seed=5, run=1)
+            simulate_run(d / "run.h5", det, n_events=6, seed=5, run=2)
+            process_dark(d / "dark.h5", d / "constants.h5")
+            for name in ("dark", "run"):
+                write_xtc2(d / f"{name}.h5", d / f"{name}.xtc2")
+            cache[det] = d
+        return cache[det]
+
+    return make
+
+
+def write_config(d, det, body):
+    (d / "run.yaml").write_text(textwrap.dedent(body).replace("DET", det))
+    return load_config(d / "run.yaml")
+
+
+CONFIGS = {
+    "epix10kquad": """\
+        detectors:
+          DET:
+            calib: constants.h5
+            common_mode: 85
+            functions:
+              - {kind: roi, name: ROI_0, bounds: [[1, 2], [0, 352], [0, 384]], writeArea: true}
+              - {kind: projection, parent: ROI_0, axis: 1}
+              - {kind: droplet, threshold: 5, thresholdLow: 3, nData: 20}
+            sums: [calib, calib_max]
+        """,
+    "jungfrau1M": """\
+        detectors:
+          DET:
+            calib: constants.h5
+            common_mode: 7
+            functions:
+              - {kind: roi, bounds: [[0, 2], [100, 300], [200, 600]]}
+              - {kind: azav, center: [0, 0], dis_to_sam: 100, eBeam: 9.5, qbin: 0.05}
+            sums: [calib]
+        """,
+    "epix100": """\
+        detectors:
+          DET:
+            calib: constants.h5
+            common_mode: 46
+            functions:
+              - {kind: roi, bounds: [[100, 400], [100, 500]]}
+              - {kind: photons, ADU_per_photon: 9.5, thr_fraction: 0.9, nData: 30}
+        """,
+}
+
+
+# ---- the run interface -------------------------------------------------------------------
+def test_psana_run_gives_the_raw_runs_events(twins):
+    d = twins("epix10kquad")
+    with open_run(d / "dark.h5") as a, open_run(d / "dark.xtc2") as b:
+        assert (b.run, b.experiment, b.name) == (a.run, a.experiment, "dark.xtc2")
+        assert b.detectors == a.detectors
+        assert b.scalar_dtypes == a.scalar_dtypes
+        assert b.n_events is None                 # known once read through
+        bits_a, bits_b = a.step_control_bits("epix10kquad"), b.step_control_bits("epix10kquad")
+        assert sorted(bits_b) == sorted(bits_a) == [0, 1, 2, 3, 4]
+        for k in bits_a:
+            np.testing.assert_array_equal(bits_b[k], bits_a[k])
+        pairs = list(zip(a.batches(3, one_step=True), b.batches(3, one_step=True), strict=True))
+        assert b.n_events == a.n_events == 20
+        for x, y in pairs:
+            assert (x.start, len(x)) == (y.start, len(y))
+            np.testing.assert_array_equal(y.event_id, x.event_id)
+            np.testing.assert_array_equal(y.timestamp, x.timestamp)
+            np.testing.assert_array_equal(y.steps["epix10kquad"], x.steps["epix10kquad"])
+            np.testing.assert_array_equal(y.frames["epix10kquad"], x.frames["epix10kquad"])
+            for k in x.scalars:
+                assert y.scalars[k].dtype == x.scalars[k].dtype
+                np.testing.assert_array_equal(y.scalars[k], x.scalars[k])
+        # a second pass reads the run again from its start
+        assert sum(len(x) for x in b.batches(7, max_events=9)) == 9
+
+
+def test_clock_and_asic_order_round_trip():
+    rng = np.random.default_rng(1)
+    for ns in (1_700_000_000 * 10**9 + 123, 631152000 * 10**9, 4_000_000_000 * 10**9 + 999_999_999):
+        assert psana_time_to_ns(ns_to_psana_time(ns)) == ns
+    with pytest.raises(ValueError, match="outside psana's clock"):
+        ns_to_psana_time(10**9)
+    panel = rng.integers(0, 256, (352, 384)).astype(np.uint8)
+    np.testing.assert_array_equal(panel_from_psana_asics(psana_asics_from_panel(panel)), panel)
+    tr = np.array([1, 0, 0, 1], np.uint8)
+    np.testing.assert_array_equal(trbit_from_psana(trbit_to_psana(tr)), tr)
+    # psana's ASIC 0 is the bottom right one, not rotated; its ASIC 2 the top left, rotated
+    pca = np.zeros((4, 178, 192), np.uint8)          # the DAQ's two extra rows are dropped
+    pca[0, 0, 0], pca[2, 0, 0] = 7, 9
+    p = panel_from_psana_asics(pca)
+    assert p[176, 192] == 7 and p[175, 191] == 9 and np.count_nonzero(p) == 2
+
+
+# ---- the same files from XTC2 and from HDF5 ------------------------------------------------
+@pytest.mark.parametrize("det", list(CONFIGS))
+def test_replay_of_xtc2_equals_replay_of_raw(twins, det):
+    d = twins(det)
+    config = write_config(d, det, CONFIGS[det])
+    a = replay(d / "run.h5", config, d / "from_h5.h5", CPU, batch_size=4, progress=False)
+    b = replay(d / "run.xtc2", config, d / "from_xtc2.h5", CPU, batch_size=4, progress=False)
+    assert a.n_events == b.n_events == 6
+    assert_same_datasets(d / "from_h5.h5", d / "from_xtc2.h5")
+    data = read_datasets(d / "from_xtc2.h5")
+    assert len([k for k in data if k.startswith(f"{det}/")]) >= 2
+    assert {"ipm2/sum", "lightStatus/xray", "event_id", "timestamp"} <= set(data)
+
+
+def test_dark_of_xtc2_series_equals_dark_of_raw(twins, tmp_path):
+    for det in ("epix10kquad", "jungfrau1M"):
+        d = twins(det)
+        process_dark(d / "dark.xtc2", tmp_path / f"{det}.h5")
+        a = Constants.load(d / "constants.h5", det)
+        b = Constants.load(tmp_path / f"{det}.h5", det)
+        for field in ("pedestal", "rms", "gain", "offset", "status", "mask"):
+            np.testing.assert_array_equal(getattr(b, field), getattr(a, field), err_msg=field)
+        assert (b.run_min, b.run_max) == (a.run_min, a.run_max)
+        assert b.source == "dark run 1 (dark.xtc2)"
+
+
+def test_publish_xtc2_through_the_services_equals_in_process(twins, tmp_path):
+    from gpusmd.services.run import replay_via_services
+    det = "epix10kquad"
+    d = twins(det)
+    write_config(d, det, CONFIGS[det])
+    replay(d / "run.h5", load_config(d / "run.yaml"), tmp_path / "in_process.h5", CPU,
+           progress=False)
+    summary = replay_via_services(d / "run.xtc2", d / "run.yaml", tmp_path / "services.h5",
+                                  n_workers=1, backend="cpu", timeout=120,
+                                  log_dir=tmp_path / "logs")
+    assert summary.n_events == 6
+    assert_same_datasets(tmp_path / "in_process.h5", tmp_path / "services.h5")
+
+
+# ---- psana's det.raw.calib is the reference ------------------------------------------------
+def gpusmd_calib(d, det, common_mode):
+    """gpusmd's calibrated frames of run.xtc2, the mask psana applies (pixel status)."""
+    config = write_config(d, det, f"""\
+        detectors:
+          DET:
+            calib: constants.h5
+            common_mode: {common_mode}
+            mask: status
+        """)
+    out = []
+    with open_run(d / "run.xtc2") as run:
+        procs = build_processors(config, RunInfo.from_run(run), CPU)
+        for b in run.batches(4, one_step=True):
+            procs[det].process(b.frames[det], int(b.steps[det][0]))
+            out.append(np.asarray(procs[det].last_calib))
+    return np.concatenate(out)
+
+
+def psana_calib(d, det, **kwargs):
+    """psana's det.raw.calib of every event of run.xtc2, with gpusmd's constants."""
+    ds = DataSource(files=str(d / "run.xtc2"), skip_calib_load="all")
+    run = next(ds.runs())
+    run._calib_const[det] = to_psana(Constants.load(d / "constants.h5", det), det, "sim",
+                                     run.runnum)
+    run.dsparms.calibconst = run._calib_const
+    pdet = run.Detector(det)
+    return np.stack([pdet.raw.calib(evt, **kwargs) for evt in run.events()])
+
+
+# psana's Jungfrau calib defaults to its C++ version 3, which applies no common mode at
+# all: the comparisons with common mode take its Python version (cversion=0).
+CALIB_CASES = [
+    ("epix10kquad", 0, {}), ("epix10kquad", [7, 1, 100, 10], {}),
+    ("epix10kquad", [7, 2, 100, 10], {}), ("epix10kquad", [7, 3, 100, 10], {}),
+    ("jungfrau1M", 0, {"cversion": 0}), ("jungfrau1M", [7, 1, 10, 10], {"cversion": 0}),
+    ("jungfrau1M", [7, 2, 10, 10], {"cversion": 0}), ("jungfrau1M", [7, 3, 10, 10], {"cversion": 0}),
+    ("epix100", 0, {}),
+]
+
+
+@pytest.mark.parametrize("det,cm,kw", CALIB_CASES, ids=[f"{d}-{c}" for d, c, _ in CALIB_CASES])
+def test_calibration_equals_psana_det_raw_calib(twins, det, cm, kw):
+    d = twins(det)
+    ours = gpusmd_calib(d, det, cm)
+    theirs = psana_calib(d, det, cmpars=tuple(cm) if cm else None, **kw)
+    assert theirs.dtype == np.float32
+    np.testing.assert_array_equal(ours, theirs.reshape(ours.shape))
+    if cm:          # the common mode did something: the check can tell it from none
+        assert not np.array_equal(theirs, psana_calib(d, det, cmpars=None, **kw))
+
+
+def test_epix10ka_gain_ranges_equal_psanas(tmp_path):
+    """Per-ASIC trbit and pixel configurations that differ between the four ASICs of a
+    panel, written in psana's ASIC order: gpusmd's gain range of every pixel (data with
+    and without the switch bit) is psana's."""
+    from gpusmd.detectors import get_detector
+    from gpusmd.io.raw import RawRun
+    from psana.detector.UtilsEpix10ka import map_gain_range_index
+    det = "epix10kquad"
+    raw = simulate_run(tmp_path / "run.h5", det, n_events=2, seed=9)
+    rng = np.random.default_rng(4)
+    import h5py
+    with h5py.File(raw, "a") as f:
+        f[f"{det}/config/pixel_config"][0] = rng.choice([0, 4, 8, 12], (4, 352, 384)).astype(np.uint8)
+        f[f"{det}/config/trbit"][0] = np.array([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 0, 0],
+                                                [0, 0, 1, 1]], np.uint8)
+        frames = f[f"{det}/raw"]
+        frames[1] = frames[1] | (rng.random((4, 352, 384)) < 0.5).astype(np.uint16) << 14
+    write_xtc2(raw, tmp_path / "run.xtc2")
+    model = get_detector(det)
+    with RawRun(raw) as r, open_run(tmp_path / "run.xtc2") as p:
+        cb = p.control_bits(det, 0)
+        np.testing.assert_array_equal(cb, r.control_bits(det, 0))
+        ds = DataSource(files=str(tmp_path / "run.xtc2"), skip_calib_load="all")
+        run = next(ds.runs())
+        pdet = run.Detector(det)
+        for i, evt in enumerate(run.events()):
+            ours = model.gain_index(r.read(det, i, i + 1)[0], cb)
+            ours = np.where(ours < 0, 10, ours)         # psana's "no range" is 10, gpusmd's -1
+            theirs = map_gain_range_index(pdet.raw, evt)
+            np.testing.assert_array_equal(ours, np.asarray(theirs).reshape(ours.shape))
+            assert len(np.unique(ours)) >= 4
+
+
+# ---- bad sources -----------------------------------------------------------------------------
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "gpusmd.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_bad_psana_sources_fail_in_one_line_before_any_output(twins, tmp_path):
+    d = twins("epix100")
+    write_config(d, "epix100", CONFIGS["epix100"])
+    (tmp_path / "garbage.xtc2").write_bytes(b"not an xtc2 file" * 100)
+    cases = [(tmp_path / "missing.xtc2", "XTC2 file not found"),
+             (tmp_path / "garbage.xtc2", "psana cannot read it"),
+             ("exp=xpp:runs=3", "not a psana source"),
+             ("exp=xpp:run=x", "is not a number")]
+    for source, message in cases:
+        out = tmp_path / "out.h5"
+        r = run_cli("replay", source, "--config", d / "run.yaml", "-o", out, cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gpusmd: error: "), r.stderr
+        assert str(source) in lines[0] and message in lines[0], lines[0]
+        assert not out.exists()
+    # a detector the run lacks: the error names the source and the detector
+    (d / "other.yaml").write_text("detectors:\n  jungfrau9:\n    calib: constants.h5\n")
+    r = run_cli("replay", d / "run.xtc2", "--config", d / "other.yaml", "-o", tmp_path / "o.h5",
+                cwd=tmp_path)
+    assert r.returncode == 2
+    assert "run.xtc2" in r.stderr and "'jungfrau9'" in r.stderr and "epix100" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.h5").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RawFileError, match="no .xtc2 files"):
+        open_run(tmp_path / "empty")
