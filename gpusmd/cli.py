@@ -8,12 +8,23 @@ import sys
 from .backend import BACKEND_CHOICES
 from .errors import GpusmdError
 
+SOURCE_HELP = ("raw HDF5 file, XTC2 file or directory, or psana source "
+               "(exp=EXP:run=N[:dir=DIR], shmem=NAME)")
+
 
 def cmd_simulate(args):
     from .simulate import simulate_run
     path = simulate_run(args.output, detector=args.detector, n_events=args.events,
                         dark=args.dark, seed=args.seed, shape=args.shape, run=args.run)
     print(f"wrote {path}")
+
+
+def cmd_convert(args):
+    from pathlib import Path
+    from .io.xtc2 import write_xtc2
+    if Path(args.output).exists() and not args.force:
+        raise GpusmdError(f"{args.output} exists (give --force to replace it)")
+    print(f"wrote {write_xtc2(args.raw, args.output)}")
 
 
 def cmd_dark(args):
@@ -163,8 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     s.set_defaults(func=cmd_simulate)
 
+    s = sub.add_parser("convert", help="write a raw run as an LCLS-II XTC2 file (psana's writer)")
+    s.add_argument("raw", help="raw HDF5 run file")
+    s.add_argument("-o", "--output", required=True, help="XTC2 file")
+    s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.set_defaults(func=cmd_convert)
+
     s = sub.add_parser("dark", help="pedestals, noise and pixel status from a dark run")
-    s.add_argument("dark")
+    s.add_argument("dark", help=SOURCE_HELP)
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--gain", help="HDF5 file with /<det>/gain (ngain, *shape); "
                                   "default: the detector's nominal gains")
@@ -172,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="last run the constants are valid for (-1: every later run)")
     s.set_defaults(func=cmd_dark)
 
-    s = sub.add_parser("replay", help="reduce a raw run into a small-data file")
-    s.add_argument("raw")
+    s = sub.add_parser("replay", help="reduce a run into a small-data file")
+    s.add_argument("raw", help=SOURCE_HELP)
     s.add_argument("--config", required=True)
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
@@ -203,8 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--delay-ms", type=float, default=0.0,
                            help="sleep this long per result (to test backpressure)")
 
-    s = sub.add_parser("publish", help="send a raw run to the ingest node")
-    s.add_argument("raw")
+    s = sub.add_parser("publish", help="send a run to the ingest node")
+    s.add_argument("raw", help=SOURCE_HELP)
     add_service_args(s, service=False)
     s.add_argument("--rate", type=float, default=0.0, help="events/s (0: as fast as possible)")
     s.add_argument("--max-events", type=int, default=None)
