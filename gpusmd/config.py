@@ -85,6 +85,7 @@ class DetectorConfig:
     functions: list[FunctionConfig]
     sums: list[str]
     where: Where
+    geometry: str | Path | None = None   # a .data / .poni path, or "psana-default"
 
 
 ADDRESS_KEYS = ("ingest_in", "ingest_work", "ingest_ack", "sink_in")
@@ -241,10 +242,47 @@ def parse_function(d, where: Where, kind_names: dict) -> FunctionConfig:
     return FunctionConfig(kind, name, params, where, parent)
 
 
+def check_geometry(value, type_name: str, where: Where, base_dir: Path):
+    """``geometry:``: "psana-default" (checked here when the detector type is known, else
+    when the detector is built) or a psana ``.data`` / pyFAI ``.poni`` file relative to
+    the config file. The file is read when the detector is built (gpusmd.geometry)."""
+    from .detectors import DETECTORS
+    from .geometry import GEOMETRY_SUFFIXES, PSANA_DEFAULT, psana_default_file
+    check_type(value, (str,), where, f"a geometry file path or {PSANA_DEFAULT!r}")
+    if value == PSANA_DEFAULT:
+        if type_name in DETECTORS or type_name == "camera":
+            try:
+                psana_default_file(type_name)
+            except ConfigError as e:
+                raise where.error(str(e)) from None
+        return value
+    path = Path(value) if Path(value).is_absolute() else base_dir / value
+    if path.suffix.lower() not in GEOMETRY_SUFFIXES:
+        known = ", ".join(f"{k} ({v})" for k, v in GEOMETRY_SUFFIXES.items())
+        raise where.error(f"{path}: unknown geometry format {path.suffix or '(no suffix)'!r} "
+                          f"(known: {known}, or {PSANA_DEFAULT})")
+    if not path.is_file():
+        raise where.error(f"geometry file {path} not found")
+    return path
+
+
+AZAV_GEOMETRY_KEYS = ("poni", "center", "dis_to_sam", "tx", "ty")
+
+
+def with_detector_poni(functions, poni: Path):
+    """A detector-level .poni is the ``poni:`` of each azav that gives no geometry of its
+    own (no poni, center, dis_to_sam, tx, ty): a function's own keys win."""
+    return [{**f, "poni": str(poni)} if isinstance(f, dict) and f.get("kind") == "azav"
+            and not any(k in f for k in AZAV_GEOMETRY_KEYS) else f for f in functions]
+
+
 def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
     allowed = ("type", "calib", "common_mode", "gain_convention", "mask", "mask_options",
-               "functions", "sums")
+               "functions", "sums", "geometry")
     check_keys(d, where, allowed)
+    geometry = d.get("geometry")
+    if geometry is not None:
+        geometry = check_geometry(geometry, d.get("type") or name, where / "geometry", base_dir)
     calib = d.get("calib")
     if calib is not None:
         check_type(calib, (str,), where / "calib", "a constants file path")
@@ -261,6 +299,8 @@ def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
             check_type(value, (bool,), where / "mask_options" / key, "true or false")
     functions = d.get("functions") or []
     check_type(functions, (list,), where / "functions", "a list of functions")
+    if isinstance(geometry, Path) and geometry.suffix.lower() == ".poni":
+        functions = with_detector_poni(functions, geometry)
     kind_names: dict = {}
     funcs = [parse_function(f, where / "functions" / i, kind_names)
              for i, f in enumerate(functions)]
@@ -279,7 +319,8 @@ def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
                                      where / "gain_convention"),
         mask=check_choice(d.get("mask", "cmask"), MASK_CHOICES, where / "mask"),
         mask_options=mask_options, functions=funcs,
-        sums=[check_sum_key(s, where / "sums" / i) for i, s in enumerate(sums)], where=where)
+        sums=[check_sum_key(s, where / "sums" / i) for i, s in enumerate(sums)], where=where,
+        geometry=geometry)
 
 
 def parse_config(data, source: str = "<config>", base_dir: Path | None = None, text: str = "") -> Config:

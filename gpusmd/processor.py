@@ -13,9 +13,11 @@ from .calib.constants import RUN_ANY, Constants
 from .calib.masks import pixel_masks
 from .config import DetectorConfig
 from .detectors import DetectorModel
-from .errors import ConstantsError, FrameError
+from .errors import ConfigError, ConstantsError, FrameError
 from .features import FEATURES, Ragged
 from .features.sums import RunSums
+from .geometry import (PSANA_DEFAULT, detector_coords, psana_default_file, read_geometry,
+                       with_geometry)
 
 
 def build_feature(f, model, masks, backend, constants, input_shape=None):
@@ -25,11 +27,28 @@ def build_feature(f, model, masks, backend, constants, input_shape=None):
     return cls(f.name, f.params, model, masks, backend, f.where, input_shape=input_shape, **extra)
 
 
+def configured_geometry(cfg: DetectorConfig, model: DetectorModel):
+    """(the model with the pixel coordinates of the detector's ``geometry:``, the file
+    used). A psana file is read and checked against the detector here, before any output;
+    a .poni leaves the coordinates as they are (the config handed it to the azav)."""
+    if cfg.geometry is None:
+        return model, ""
+    if cfg.geometry != PSANA_DEFAULT and cfg.geometry.suffix.lower() == ".poni":
+        return model, str(cfg.geometry)
+    try:
+        path = psana_default_file(model.type) if cfg.geometry == PSANA_DEFAULT else cfg.geometry
+        geometry = read_geometry(path, model, f"detector {cfg.name!r} (type {model.type})")
+    except ConfigError as e:
+        raise (cfg.where / "geometry").error(str(e)) from None
+    return with_geometry(model, geometry, str(path)), str(path)
+
+
 class DetectorProcessor:
     def __init__(self, cfg: DetectorConfig, model: DetectorModel, backend: Backend,
                  run: int | None = None):
         if cfg.type is not None and cfg.type != model.type:
             raise (cfg.where / "type").error(f"config says {cfg.type}, the data hold a {model.type}")
+        model, self.geometry_file = configured_geometry(cfg, model)
         self.cfg, self.model, self.backend = cfg, model, backend
         if cfg.calib is not None:
             self.constants = Constants.load(cfg.calib, cfg.name, model)
@@ -128,7 +147,7 @@ class DetectorProcessor:
     def user_data_cfg(self) -> dict:
         """What /UserDataCfg/<det>/ holds: constants, masks, coordinates, parameters."""
         c = self.constants
-        x, y, z = self.model.coords_um()
+        x, y, z = detector_coords(self.model)
         items = {"pedestal": c.pedestal, "rms": c.rms, "gain": c.gain, "offset": c.offset,
                  "status": c.status, "mask": self.masks["mask"], "cmask": self.masks["cmask"],
                  "calib_mask": self.masks[self.cfg.mask], "x": x, "y": y, "z": z,
@@ -137,6 +156,7 @@ class DetectorProcessor:
                  "gain_convention": self.cfg.gain_convention,
                  "units": self.units, "type": self.model.type,
                  "constants_file": str(self.cfg.calib or ""),
+                 "geometry_file": self.geometry_file,
                  "constants_runs": np.array([c.run_min, c.run_max])}
         for feature in self.features:
             items[f"{feature.name}__kind"] = feature.kind

@@ -1,18 +1,24 @@
 """psana geometry files: pixel coordinates equal psana's GeometryAccess for every default
 file the psana wheel ships, hand-computed placements, one-line errors naming the file and
-line, and each detector type's psana default."""
+line, and the ``geometry:`` key of a detector from the config to the features and
+UserDataCfg."""
 import importlib.util
 import textwrap
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
+from gpusmd.backend import get_backend
+from gpusmd.calib.constants import Constants
+from gpusmd.config import load_config
 from gpusmd.detectors import DETECTORS, get_detector
 from gpusmd.errors import ConfigError
-from gpusmd.geometry import (PSANA_DEFAULT_FILES, default_geometry, detector_coords,
-                             psana_default_file, with_geometry)
+from gpusmd.geometry import (PSANA_DEFAULT_FILES, assemble, default_geometry, detector_coords,
+                             image_index, psana_default_file, with_geometry)
 from gpusmd.geometry_psana import SEGMENTS, Geometry, GeometryError
+from gpusmd.processor import DetectorProcessor
 
 TOL_UM = 1e-3
 HEADER = "# PARENT IND OBJECT IND X0 Y0 Z0 ROT_Z ROT_Y ROT_X TILT_Z TILT_Y TILT_X\n"
@@ -278,3 +284,162 @@ def test_default_geometry_of_each_detector_type(type_):
     for a, b in zip(model.coords_um(), grid):
         np.testing.assert_array_equal(a, b)
     assert not np.allclose(x, grid[0])
+
+
+# ---- the geometry: key, from the config to the features ---------------------------------
+def write_config(tmp_path, body, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+@pytest.fixture(scope="module")
+def jungfrau_constants(tmp_path_factory):
+    d = tmp_path_factory.mktemp("jf")
+    Constants.default(get_detector("jungfrau1M")).save(d / "constants.h5", "jungfrau1M")
+    return d / "constants.h5"
+
+
+def test_psana_default_for_jungfrau1M_reaches_image_and_azav(tmp_path, jungfrau_constants):
+    cfg = load_config(write_config(tmp_path, f"""\
+        detectors:
+          jungfrau1M:
+            calib: {jungfrau_constants}
+            geometry: psana-default
+            functions:
+              - {{kind: image}}
+              - {{kind: azav, center: [1000, -500], dis_to_sam: 80, eBeam: 9.5, qbin: 0.01}}
+        """))
+    model = get_detector("jungfrau1M")
+    proc = DetectorProcessor(cfg.detectors["jungfrau1M"], model, get_backend("cpu"))
+    (rx, ry, rz), _ = psana_coords(psana_default_file("jungfrau1M"))
+    image, azav = proc.features
+    # azav: the q of every pixel from psana's x, y (z ignored: the detector is the plane z = d)
+    d_mm, lam = 80.0, 12.398419843320026 / 9.5
+    r = np.sqrt(((rx - 1000) / 1e3) ** 2 + ((ry + 500) / 1e3) ** 2)
+    q = 4 * np.pi / lam * np.sin(np.arctan2(r, d_mm) / 2)
+    np.testing.assert_allclose(azav.q_map.reshape(rx.shape), q, rtol=1e-9)
+    # image: placed by these coordinates (psana's to 1e-10 um; the big pixels' centres
+    # lie on image pixel borders, where that noise picks the side: compare with ours)
+    x, y, _ = detector_coords(proc.model)
+    assert max_diff((x, y), (rx, ry)) < TOL_UM
+    frame = np.random.default_rng(1).random((1, *model.shape)).astype(np.float32)
+    img = proc.backend.to_host(image.process(frame)["img"])[0]
+    np.testing.assert_array_equal(img, assemble(frame[0], x, y, 75.0, fill=0))
+    rows, cols = image_index(x, y, 75.0)
+    assert img.shape == (rows.max() + 1, cols.max() + 1) and img.shape[0] > 2 * 512
+    items = proc.user_data_cfg()
+    assert items["geometry_file"] == str(psana_default_file("jungfrau1M"))
+    assert max_diff((items["x"], items["y"], items["z"]), (rx, ry, rz)) < TOL_UM
+
+
+@pytest.mark.parametrize("value, message", [
+    ("nope.data", r"geometry: geometry file .*nope.data not found"),
+    ("geo.txt", r"geometry: .*geo.txt: unknown geometry format '.txt' \(known: .data"),
+    ("psana-default", r"geometry: psana-default: psana ships no default geometry for a "
+                      r"epix10k2M"),
+    ("[1, 2]", r"geometry: expected a geometry file path or 'psana-default'"),
+])
+def test_bad_geometry_key_is_refused_when_the_config_is_read(tmp_path, value, message):
+    (tmp_path / "geo.txt").write_text("")
+    path = write_config(tmp_path, f"""\
+        detectors:
+          epix10k2M:
+            geometry: {value}
+        """)
+    with pytest.raises(ConfigError, match=r"run.yaml: detectors.epix10k2M." + message):
+        load_config(path)
+
+
+@pytest.fixture(scope="module")
+def epix100_run(tmp_path_factory):
+    from gpusmd.simulate import simulate_run
+    d = tmp_path_factory.mktemp("geo_replay")
+    return simulate_run(d / "run.h5", "epix100", n_events=3, seed=5)
+
+
+def replay_to(tmp_path, run, config_path):
+    from gpusmd.replay import replay
+    out = tmp_path / "out.h5"
+    summary = replay(run, load_config(config_path), out, get_backend("cpu"), progress=False)
+    return out, summary
+
+
+def test_replay_with_a_geometry_file(tmp_path, epix100_run):
+    # the psana epix100a default (ROT_Z 90, ROT_Y 180), moved and without its turn
+    # about z: a file of the user's
+    text = psana_default_file("epix100").read_text().splitlines()
+    lines = [ln for ln in text if ln.strip() and not ln.startswith("#")]
+    assert len(lines) == 1
+    f = lines[0].split()
+    f[4], f[5], f[7] = "1234", "-567", "0"
+    (tmp_path / "geo.data").write_text(HEADER + " ".join(f) + "\n")
+    cfg = write_config(tmp_path, """\
+        detectors:
+          epix100:
+            geometry: geo.data
+            functions:
+              - {kind: image, rebin: 2}
+        """)
+    out, summary = replay_to(tmp_path, epix100_run, cfg)
+    assert summary.n_events == 3
+    ref, _ = psana_coords(tmp_path / "geo.data")
+    rx, ry, rz = (a.reshape(704, 768) for a in ref)
+    with h5py.File(out, "r") as h:
+        u = h["UserDataCfg/epix100"]
+        assert max_diff((u["x"][()], u["y"][()], u["z"][()]), (rx, ry, rz)) < TOL_UM
+        assert u["geometry_file"][()].decode() == str(tmp_path / "geo.data")
+        img = h["epix100/img_rebin2_img"][()]
+    rows, cols = image_index(rx, ry, 50.0)
+    assert img.shape == (3, (rows.max() + 2) // 2, (cols.max() + 2) // 2)
+    # not turned about z: the 768 columns (x) are the image's rows, with the wide pixels
+    assert rows.max() + 1 > 768 and cols.max() + 1 > 704
+
+
+def test_a_geometry_that_does_not_fit_is_refused_before_any_output(tmp_path, epix100_run):
+    cfg = write_config(tmp_path, f"""\
+        detectors:
+          epix100:
+            geometry: {psana_default_file("jungfrau1M")}
+        """)
+    with pytest.raises(ConfigError, match=r"detectors.epix100.geometry: .*jungfrau1M.data: "
+                                          r"geometry of 2 segment\(s\) JUNGFRAU:V2 .* does not "
+                                          r"match detector 'epix100' \(type epix100\)"):
+        replay_to(tmp_path, epix100_run, cfg)
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_a_detector_poni_is_the_poni_of_its_azav(tmp_path, epix100_run):
+    poni = tmp_path / "calib.poni"
+    poni.write_text(textwrap.dedent("""\
+        poni_version: 2
+        Detector: Detector
+        Detector_config: {"pixel1": 5e-05, "pixel2": 5e-05, "max_shape": [704, 768]}
+        Distance: 0.1
+        Poni1: 0.0176
+        Poni2: 0.0192
+        Rot1: 0.01
+        Rot2: -0.02
+        Rot3: 0.0
+        Wavelength: 1.3e-10
+        """))
+    cfg = write_config(tmp_path, """\
+        detectors:
+          epix100:
+            geometry: calib.poni
+            functions:
+              - {kind: azav, qbin: 0.05}
+              - {kind: azav, center: [0, 0], dis_to_sam: 50, eBeam: 9.5, qbin: 0.05}
+        """)
+    parsed = load_config(cfg).detectors["epix100"]
+    assert parsed.functions[0].params["poni"] == str(poni)       # resolved by the config
+    assert "poni" not in parsed.functions[1].params              # its own geometry wins
+    out, _ = replay_to(tmp_path, epix100_run, cfg)
+    with h5py.File(out, "r") as h:
+        u = h["UserDataCfg/epix100"]
+        assert u["azav_0__poni"][()].decode() == str(poni)
+        assert u["azav_0__dis_to_sam"][()] == pytest.approx(100.0)
+        assert u["azav_1__poni"][()].decode() == ""
+        assert u["geometry_file"][()].decode() == str(poni)
+        # a PONI gives no pixel positions: they stay the regular grid
+        np.testing.assert_array_equal(u["x"][()], get_detector("epix100").coords_um()[0])

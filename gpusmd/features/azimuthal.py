@@ -20,6 +20,8 @@ proportional to x - xc), written without the branch. Corrections per pixel:
     solid angle   (d / r)^3   (1 at the foot of the perpendicular from the sample)
 
 Pixel z coordinates are ignored (as in smalldata: the detector is the plane z = d).
+Pixel x, y are the detector's coordinates (gpusmd.geometry.detector_coords: its
+``geometry:`` psana file, else the regular grid).
 
 What gpusmd returns, per (phi, q) bin over the good pixels n of the bin (mask & userMask &
 inside the q and phi ranges; a fixed set per run)::
@@ -50,7 +52,9 @@ pyFAI correspondence (what :func:`smalldata_to_pyfai` and the ``poni:`` option u
 With ``poni: file.poni`` the per-pixel maps are computed from pyFAI's own formulas
 (any rot3, chi -> phi mod 2 pi) on the positions d1, d2 above; PONI versions 1, 2 and 2.1
 (detector orientation 3, pyFAI's default, only); the PONI's pixel size must be the
-detector's; Wavelength gives the energy unless eBeam is given.
+detector's; Wavelength gives the energy unless eBeam is given. A detector's
+``geometry: file.poni`` is the ``poni`` of each of its azav that gives none of poni,
+center, dis_to_sam, tx, ty (gpusmd.config).
 
 phiedges are in degrees, in the same phi convention; phiBins n splits [0, 360) evenly.
 """
@@ -64,6 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Where, check_type
+from ..geometry import detector_coords
 from . import Feature, register
 from .roi import parse_thresholds
 
@@ -273,7 +278,7 @@ class AzimuthalIntegration(Feature):
             raise where.error(f"azav works on the detector's frames {tuple(model.shape)}, "
                               f"not on a parent's output {self.input_shape}")
         xp = backend.xp
-        x, y, _ = (np.asarray(c, np.float64) for c in model.coords_um())
+        x, y, _ = (np.asarray(c, np.float64) for c in detector_coords(model))
         self.lo, self.hi = parse_thresholds(params.get("thresADU"), where / "thresADU")
         self.pplane = float(params.get("Pplane", 1.0))
         self.use_pol = bool(params.get("polarization", True))

@@ -24,17 +24,14 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import Where, check_type
-from ..geometry import image_index
+from ..geometry import detector_coords, image_index
 from . import Feature, register
 from .projection import check_mask_name, input_mask
 
 
 def pixel_coords(model):
-    """x, y (um) of every raw pixel: a geometry given with the model, else its default."""
-    coords = model.extra.get("coords_um") if isinstance(model.extra, dict) else None
-    if coords is not None:
-        return coords[0], coords[1]
-    x, y, _ = model.coords_um()
+    """x, y (um) of every raw pixel: the detector's geometry (gpusmd.geometry)."""
+    x, y, _ = detector_coords(model)
     return x, y
 
 
