@@ -45,13 +45,16 @@ def configured_geometry(cfg: DetectorConfig, model: DetectorModel):
 
 class DetectorProcessor:
     def __init__(self, cfg: DetectorConfig, model: DetectorModel, backend: Backend,
-                 run: int | None = None):
+                 run: int | None = None, constants: Constants | None = None):
+        """constants: where the config names no ``calib`` file, constants from elsewhere
+        (psana's, for a psana run)."""
         if cfg.type is not None and cfg.type != model.type:
             raise (cfg.where / "type").error(f"config says {cfg.type}, the data hold a {model.type}")
         model, self.geometry_file = configured_geometry(cfg, model)
         self.cfg, self.model, self.backend = cfg, model, backend
-        if cfg.calib is not None:
-            self.constants = Constants.load(cfg.calib, cfg.name, model)
+        if cfg.calib is not None or constants is not None:
+            self.constants = (Constants.load(cfg.calib, cfg.name, model) if cfg.calib is not None
+                              else constants)
             if run is not None and not self.constants.valid_for(run):
                 last = "on" if self.constants.run_max == RUN_ANY else self.constants.run_max
                 raise ConstantsError(f"{cfg.calib}: constants of {cfg.name!r} are valid for runs "
@@ -156,6 +159,7 @@ class DetectorProcessor:
                  "gain_convention": self.cfg.gain_convention,
                  "units": self.units, "type": self.model.type,
                  "constants_file": str(self.cfg.calib or ""),
+                 "constants_source": self.constants.source,
                  "geometry_file": self.geometry_file,
                  "constants_runs": np.array([c.run_min, c.run_max])}
         for feature in self.features:

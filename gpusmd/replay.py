@@ -20,7 +20,7 @@ from .backend import Backend, get_backend
 from .config import Config
 from .errors import ConfigError, GpusmdError
 from .io.output import SmallDataWriter
-from .io.source import EventBatch, open_run
+from .io.source import EventBatch, is_psana_source, open_run
 from .features import concat_columns
 from .processor import DetectorProcessor
 from .runinfo import RunInfo
@@ -40,12 +40,18 @@ class ReplaySummary:
 
 
 def build_processors(config: Config, info: RunInfo, backend: Backend) -> dict[str, DetectorProcessor]:
+    """The processors of the config's detectors. A detector of a psana run whose config
+    names no ``calib`` file takes psana's own constants (its calibration database)."""
     procs = {}
     for name, dcfg in config.detectors.items():
         if name not in info.detectors:
             raise (dcfg.where).error(f"detector {name!r} is not in {info.source or 'the run'} "
                                      f"(it has: {', '.join(info.detectors) or 'none'})")
-        proc = DetectorProcessor(dcfg, info.detectors[name], backend, info.run)
+        constants = None
+        if dcfg.calib is None and is_psana_source(info.source):
+            from .calib.psana_constants import from_run
+            constants = from_run(info.source, name, info.detectors[name])
+        proc = DetectorProcessor(dcfg, info.detectors[name], backend, info.run, constants)
         for step, control_bits in info.control_bits.get(name, {}).items():
             proc.set_control_bits(step, control_bits)
         procs[name] = proc

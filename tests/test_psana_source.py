@@ -294,3 +294,47 @@ def test_bad_psana_sources_fail_in_one_line_before_any_output(twins, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RawFileError, match="no .xtc2 files"):
         open_run(tmp_path / "empty")
+
+
+# ---- psana's constants where the config names none -------------------------------------------
+def test_psana_run_without_calib_takes_psanas_constants(twins, tmp_path, monkeypatch):
+    """No ``calib:`` for a detector of a psana run: its constants are psana's (here a
+    stand-in for the database answering with the constants of constants.h5), and the file
+    equals the replay with the constants file."""
+    import gpusmd.calib.psana_constants as pc
+    det = "epix10kquad"
+    d = twins(det)
+    config = write_config(d, det, CONFIGS[det])
+    replay(d / "run.xtc2", config, tmp_path / "with_file.h5", CPU, progress=False)
+    asked = []
+
+    def database(source, detname, model=None, **kw):
+        asked.append((str(source), detname))
+        return pc.from_psana(to_psana(Constants.load(d / "constants.h5", det), det), model)
+
+    monkeypatch.setattr(pc, "from_run", database)
+    no_calib = write_config(tmp_path, det, "".join(
+        line for line in CONFIGS[det].splitlines(keepends=True) if "calib:" not in line))
+    assert no_calib.detectors[det].calib is None
+    replay(d / "run.xtc2", no_calib, tmp_path / "from_db.h5", CPU, progress=False)
+    assert asked == [(str(d / "run.xtc2"), det)]
+    assert_same_datasets(tmp_path / "with_file.h5", tmp_path / "from_db.h5",
+                         skip=(f"UserDataCfg/{det}/constants_",))
+    import h5py
+    with h5py.File(tmp_path / "from_db.h5", "r") as f:
+        assert f[f"UserDataCfg/{det}/constants_source"][()].decode() == f"psana {det}"
+
+
+def test_psana_run_without_calib_and_no_database_fails_before_output(twins, tmp_path):
+    det = "epix100"
+    d = twins(det)
+    (tmp_path / "run.yaml").write_text(f"detectors:\n  {det}:\n    common_mode: 0\n")
+    r = subprocess.run([sys.executable, "-m", "gpusmd.cli", "replay", str(d / "run.xtc2"),
+                        "--config", "run.yaml", "-o", "out.h5"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "GPUSMD_OFFLINE": "1"})
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run.xtc2" in lines[0] and repr(det) in lines[0], r.stderr
+    assert "calibration database" in lines[0]
+    assert not (tmp_path / "out.h5").exists()
