@@ -119,6 +119,16 @@ def test_psana_run_gives_the_raw_runs_events(twins):
         assert sum(len(x) for x in b.batches(7, max_events=9)) == 9
 
 
+def test_a_directory_of_xtc2_files_is_a_run(twins, tmp_path):
+    import shutil
+    d = twins("epix100")
+    shutil.copy(d / "run.xtc2", tmp_path / "sim-r0002-s000-c000.xtc2")
+    with open_run(tmp_path) as run, open_run(d / "run.h5") as raw:
+        assert run.run == 2 and run.name == tmp_path.name
+        ids = np.concatenate([b.event_id for b in run.batches(4)])
+        np.testing.assert_array_equal(ids, raw.event_id)
+
+
 def test_clock_and_asic_order_round_trip():
     rng = np.random.default_rng(1)
     for ns in (1_700_000_000 * 10**9 + 123, 631152000 * 10**9, 4_000_000_000 * 10**9 + 999_999_999):

@@ -163,12 +163,12 @@ class PsanaRun:
     def _find_scalars(self) -> dict[str, tuple]:
         """{name: ((det, class, field), dtype)} of the per-event scalars."""
         out = {}
-        software = getattr(self._run.configs[0], "software", None)
+        softwares = [getattr(c, "software", None) for c in self._run.configs]   # one a stream
         for det, drp in sorted(self._run.detinfo):
             if det in self.detectors or det in NOT_SCALARS or drp == "raw" and \
                     self._dettype(det) in PSANA_TYPE_BY_DETTYPE:
                 continue
-            segments = getattr(software, det, None) or {}
+            segments = next((getattr(sw, det) for sw in softwares if hasattr(sw, det)), {})
             for seg in segments.values() if isinstance(segments, dict) else ():
                 fields = getattr(seg, drp, None)
                 for field, desc in (vars(fields).items() if fields is not None else ()):
