@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 
 import zmq
 
@@ -22,15 +23,27 @@ READ_EVENTS = 16           # events read from the file at a time
 
 def publish(source, config: Config, rate: float = 0.0, max_events: int | None = None,
             address: str | None = None, ctx: zmq.Context | None = None) -> int:
-    """Send begin_run, the events and end; returns the number of events sent. A psana
-    source sends the config's detectors (all it reads when the config names none)."""
-    ctx = ctx or zmq.Context.instance()
+    """Send begin_run, the events and end; returns the number of events sent, once they
+    have left this process. A psana source sends the config's detectors (all it reads
+    when the config names none).
+
+    Without ``ctx``, publish makes a zmq context of its own and terminates it at the end;
+    its socket lingers without limit: ``term()`` returns when every message has gone out.
+    With ``ctx``, publish waits until zmq has let go of the ``end``, the last message (a
+    tracked frame, see :class:`zmq.MessageTracker`), so that all it sent has left the
+    socket's queue, then closes the socket, which lingers ``common.LINGER_MS``, and leaves
+    the context to the caller: ``ctx.term()`` from another thread ends a publish blocked
+    by a reader that no longer reads (zmq.ContextTerminated). Stopped by an error,
+    publish drops what is still queued."""
+    own = ctx is None
+    ctx = zmq.Context() if own else ctx
     cfg = config.services
-    with open_run(source, list(config.detectors) or None) as run:
+    with _terminated(ctx, own), open_run(source, list(config.detectors) or None) as run:
         scalars = passthrough_names(config, run)
         info = RunInfo.from_run(run, scalars)
         sock = open_socket(ctx, zmq.PUSH, address or cfg.ingest_in, False, cfg)
-        sock.linger = -1            # everything queued is delivered before close returns
+        if own:
+            sock.linger = -1
         try:
             sock.send_multipart(encode(*info.to_message()))
             t0 = time.perf_counter()
@@ -47,14 +60,37 @@ def publish(source, config: Config, rate: float = 0.0, max_events: int | None = 
                               "timestamp": int(batch.timestamp[j]),
                               "scalars": {s: batch.scalars[s][j].item() for s in scalars},
                               "steps": {det: int(st[j]) for det, st in batch.steps.items()}}
+                    # zero-copy: zmq holds a reference to each array until it has sent it
                     sock.send_multipart(encode(header, {det: f[j]
                                                         for det, f in batch.frames.items()}),
                                         copy=False)
                     n += 1
-            sock.send_multipart(encode({"kind": "end", "run": run.run}))
+            sent = sock.send_multipart(tracked(encode({"kind": "end", "run": run.run})))
+            while not (own or sent.done):
+                sock.poll(10)       # raises ContextTerminated once ctx.term() is called
             seconds = time.perf_counter() - t0
+        except BaseException:
+            sock.close(linger=0)    # stopped midway: what is still queued is dropped
+            raise
         finally:
             sock.close()
     log.info("published %d events in %.2f s (%.1f events/s)", n, seconds,
              n / seconds if seconds else float("inf"))
     return n
+
+
+def tracked(frames: list) -> list:
+    """The frames as zmq.Frames that zmq takes without copying and whose tracker says
+    when it has let go of them."""
+    return [zmq.Frame(f, copy=False, track=True) for f in frames]
+
+
+@contextmanager
+def _terminated(ctx: zmq.Context, own: bool):
+    """Terminate a context of our own on leaving: term() waits until every socket's
+    queue has gone out (each socket's linger)."""
+    try:
+        yield
+    finally:
+        if own:
+            ctx.term()
