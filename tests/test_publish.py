@@ -1,6 +1,6 @@
 """The publisher delivers a whole run, `end` included, also into a slow reader, and exits
 cleanly; one stopped by an error or by its context does not wait for a reader that never
-comes."""
+comes. The local chain starts from any folder and says why a service died."""
 import subprocess
 import sys
 import threading
@@ -12,9 +12,11 @@ import pytest
 import zmq
 
 from gpusmd.config import load_config
+from gpusmd.errors import GpusmdError
 from gpusmd.services import publish as publish_module
 from gpusmd.services.local import free_port
 from gpusmd.services.publish import publish
+from gpusmd.services.run import replay_via_services
 from gpusmd.simulate import simulate_run
 
 N_EVENTS = 200
@@ -35,6 +37,13 @@ def run_dir(tmp_path_factory):
     simulate_run(d / "run.h5", "camera", n_events=N_EVENTS, shape=(128, 256))
     (d / "run.yaml").write_text(CONFIG)
     return d
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    simulate_run(tmp_path / "run.h5", "camera", n_events=20, shape=(16, 32))
+    (tmp_path / "run.yaml").write_text(CONFIG)
+    return tmp_path
 
 
 def in_thread(fn, *args, **kwargs):
@@ -140,3 +149,27 @@ def test_a_publish_stopped_by_an_error_does_not_wait_for_a_reader(run_dir, monke
     with pytest.raises(OSError, match="unreadable"):     # the begin_run stays queued
         in_thread(publish, run_dir / "run.h5", load_config(run_dir / "run.yaml"),
                   address=nobody())(10)
+
+
+def test_the_chain_starts_from_a_folder_holding_another_gpusmd(small_run, monkeypatch):
+    (small_run / "gpusmd").mkdir()
+    (small_run / "gpusmd" / "__init__.py").write_text("")
+    monkeypatch.chdir(small_run)
+    summary = in_thread(replay_via_services, "run.h5", "run.yaml", "out.h5", 1, "cpu",
+                        timeout=60)(90)
+    assert summary.n_events == 20 and (small_run / "out.h5").stat().st_size > 0
+
+
+def test_a_dead_sink_says_why(run_dir, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    # the queues and the sockets' buffers hold less than the run: the publisher is left
+    # blocked
+    (tmp_path / "tight.yaml").write_text(
+        CONFIG.replace("hwm: 4", "hwm: 1\n  max_pending_batches: 1\n  max_in_flight_batches: 1")
+        + "batch_size: 2\n")
+    with pytest.raises(GpusmdError) as e:
+        in_thread(replay_via_services, run_dir / "run.h5", tmp_path / "tight.yaml",
+                  tmp_path / "a_file" / "out.h5", 1, "cpu", timeout=60)(30)
+    message = str(e.value)
+    assert message.startswith("the sink exited with status 1; the last lines of its log:\n")
+    assert "File exists" in message and message.endswith("may be incomplete")

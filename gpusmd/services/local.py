@@ -7,11 +7,28 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from ..config import ADDRESS_KEYS
 from ..errors import GpusmdError
+
+# A service runs the command line of the gpusmd package this process imported, whatever
+# folder it starts in (with `python -m gpusmd.cli`, a gpusmd/ folder in the working
+# directory would be imported instead).
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+RUN_CLI = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); "
+           "from gpusmd.cli import main; sys.exit(main())")
+LOG_LINES = 20        # lines of a failed service's log shown in the error
+
+
+def last_lines(f, n: int = LOG_LINES, max_bytes: int = 1 << 16) -> str:
+    """The last lines of a file a service writes to, read without moving the offset
+    the service shares."""
+    size = os.fstat(f.fileno()).st_size
+    data = os.pread(f.fileno(), min(size, max_bytes), max(0, size - max_bytes))
+    return "\n".join(data.decode(errors="replace").splitlines()[-n:])
 
 
 def free_port() -> int:
@@ -36,7 +53,9 @@ def address_args(addresses: dict[str, str]) -> list[str]:
 
 
 class LocalServices:
-    """The processes of one chain; ``addresses`` default to free loopback ports."""
+    """The processes of one chain; ``addresses`` default to free loopback ports. Each
+    service writes to ``log_dir/<name>.log``; without ``log_dir``, to the terminal or,
+    when ``quiet``, to a temporary file: what the error of a failed service shows."""
 
     def __init__(self, config_path, output, n_workers: int = 2, backend: str = "cpu",
                  once: bool = True, addresses: dict | None = None, sink_args=(), ingest_args=(),
@@ -58,20 +77,23 @@ class LocalServices:
         self.log_dir = Path(log_dir) if log_dir else None
         self.ingest = self.sink = None
         self.workers: list[subprocess.Popen] = []
+        self.logs: dict[subprocess.Popen, tuple[str, object]] = {}   # -> (name, file or None)
 
     def _start(self, name: str, *args) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "gpusmd.cli", *args, "--config", self.config_path,
+        cmd = [sys.executable, "-c", RUN_CLI, *args, "--config", self.config_path,
                *address_args(self.addresses)] + (["--once"] if self.once else [])
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "w")
+            out = open(self.log_dir / f"{name}.log", "wb")
         elif self.quiet:
-            out = subprocess.DEVNULL
+            out = tempfile.TemporaryFile()
         cpus = self.affinity.get(args[0])
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        self.logs[p] = (name, out)
+        return p
 
     def start(self) -> "LocalServices":
         self.sink = self._start("sink", "sink", "-o", self.output, "--no-progress",
@@ -87,12 +109,37 @@ class LocalServices:
     def processes(self):
         return [p for p in (self.ingest, self.sink, *self.workers) if p is not None]
 
+    def exit_report(self, p: subprocess.Popen) -> str:
+        """How a service ended: its name, exit status and the last lines of its log."""
+        name, out = self.logs[p]
+        report = f"the {name} exited with status {p.returncode}"
+        lines = last_lines(out) if out is not None else ""
+        if lines:
+            where = f" {out.name}" if isinstance(out.name, str) else ""
+            report += f"; the last lines of its log{where}:\n{lines}"
+        return report
+
+    def check(self):
+        """Raise GpusmdError, with the service's log, when the run cannot finish: the
+        ingest or the sink failed, or every worker did (the others take over the
+        batches of one)."""
+        failed = [p for p in self.processes if p.poll() not in (None, 0)]
+        needed = [p for p in failed if p in (self.ingest, self.sink)]
+        if needed or (self.workers and len(failed) == len(self.workers)):
+            raise GpusmdError(f"{self.exit_report((needed or failed)[0])}\n"
+                              f"{self.output} may be incomplete")
+
     def wait_sink(self, timeout: float) -> int:
-        """Wait for the sink to close its file and exit; its exit status."""
-        try:
-            return self.sink.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise GpusmdError(f"the sink did not finish within {timeout:.0f} s") from None
+        """Wait for the sink to close its file and exit; its exit status, 0: a failure of
+        the sink, or one that stops the run before the sink ends, raises (see check)."""
+        deadline = time.monotonic() + timeout
+        while self.sink.poll() is None:
+            self.check()
+            if time.monotonic() > deadline:
+                raise GpusmdError(f"the sink did not finish within {timeout:.0f} s")
+            time.sleep(0.1)
+        self.check()
+        return self.sink.returncode
 
     def stop(self, timeout: float = 5.0):
         for p in self.processes:
@@ -104,6 +151,10 @@ class LocalServices:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        for _, out in self.logs.values():
+            if out is not None:
+                out.close()
 
     def __enter__(self):
         return self.start()

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
+
+import zmq
 
 from ..config import load_config
 from ..errors import GpusmdError
@@ -27,12 +30,38 @@ def replay_via_services(source, config_path, output, n_workers: int = 2, backend
     t0 = time.perf_counter()
     with LocalServices(config_path, output, n_workers, backend, log_dir=log_dir) as chain:
         config.services.__dict__.update(chain.addresses)
-        n = publish(source, config, max_events=max_events)
-        status = chain.wait_sink(timeout)
-    if status != 0:
-        raise GpusmdError(f"the sink exited with status {status}; {output} may be incomplete")
+        n = publish_watched(chain, source, config, max_events)
+        chain.wait_sink(timeout)
     seconds = time.perf_counter() - t0
     return ReplaySummary(output, n, seconds, f"services x{n_workers} ({backend})")
+
+
+def publish_watched(chain: LocalServices, source, config, max_events) -> int:
+    """Publish the run into the chain from a thread while watching the services: when
+    one the run needs fails (LocalServices.check), its error is raised, and terminating
+    the context ends a publisher blocked by the chain that no longer reads."""
+    ctx = zmq.Context()
+    sent, errors = [], []
+
+    def send():
+        try:
+            sent.append(publish(source, config, max_events=max_events, ctx=ctx))
+        except zmq.ContextTerminated:
+            pass
+        except BaseException as e:
+            errors.append(e)
+
+    sender = threading.Thread(target=send, name="gpusmd-publish", daemon=True)
+    sender.start()
+    try:
+        while sender.is_alive():
+            chain.check()
+            sender.join(0.1)
+    finally:
+        ctx.term()
+    if errors:
+        raise errors[0]
+    return sent[0]
 
 
 def serve_locally(config_path, output, n_workers: int, backend: str):
@@ -47,7 +76,7 @@ def serve_locally(config_path, output, n_workers: int, backend: str):
     try:
         while all(p.poll() is None for p in chain.processes):
             time.sleep(0.5)
-        raise GpusmdError("a service exited: " + ", ".join(
-            f"pid {p.pid} status {p.returncode}" for p in chain.processes if p.poll() is not None))
+        raise GpusmdError("\n".join(chain.exit_report(p) for p in chain.processes
+                                     if p.poll() is not None))
     finally:
         chain.stop()
