@@ -66,6 +66,9 @@ def service_config(args):
             setattr(config.services, key, value)
     if getattr(args, "no_shared_memory", False):
         config.services.shared_memory = False
+    if getattr(args, "metrics_host", None):
+        from .services.metrics import Metrics
+        Metrics.default_host = args.metrics_host
     return config
 
 
@@ -153,6 +156,9 @@ def add_service_args(s, service: bool = True):
     if service:
         s.add_argument("--metrics-port", type=int, default=None,
                        help="serve Prometheus metrics on this port (0: any free port)")
+        s.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address the metrics endpoint listens on (default 127.0.0.1: "
+                            "this host only; 0.0.0.0: every interface, open to the network)")
         s.add_argument("--once", action="store_true", help="exit after one run")
         s.add_argument("--no-shared-memory", action="store_true",
                        help="batches over the link even on the ingest's host")

@@ -1,6 +1,7 @@
 """The publisher delivers a whole run, `end` included, also into a slow reader, and exits
 cleanly; one stopped by an error or by its context does not wait for a reader that never
-comes. The local chain starts from any folder and says why a service died."""
+comes. The local chain starts from any folder and says why a service died; the metrics
+endpoint listens where --metrics-host says."""
 import subprocess
 import sys
 import threading
@@ -11,10 +12,12 @@ import msgpack
 import pytest
 import zmq
 
+from gpusmd.cli import build_parser, service_config
 from gpusmd.config import load_config
 from gpusmd.errors import GpusmdError
 from gpusmd.services import publish as publish_module
 from gpusmd.services.local import free_port
+from gpusmd.services.metrics import Metrics
 from gpusmd.services.publish import publish
 from gpusmd.services.run import replay_via_services
 from gpusmd.simulate import simulate_run
@@ -173,3 +176,13 @@ def test_a_dead_sink_says_why(run_dir, tmp_path):
     message = str(e.value)
     assert message.startswith("the sink exited with status 1; the last lines of its log:\n")
     assert "File exists" in message and message.endswith("may be incomplete")
+
+
+def test_metrics_host(tmp_path, monkeypatch):
+    monkeypatch.setattr(Metrics, "default_host", Metrics.default_host)
+    (tmp_path / "run.yaml").write_text(CONFIG)
+    args = ["ingest", "--config", str(tmp_path / "run.yaml")]
+    for extra, host in (([], "127.0.0.1"), (["--metrics-host", "0.0.0.0"], "0.0.0.0")):
+        service_config(build_parser().parse_args(args + extra))
+        with Metrics("ingest", port=0) as m:
+            assert m._server.server_address[0] == host

@@ -8,7 +8,9 @@ one line on the logger ``gpusmd.<service>``::
 
 (rates over the last interval from the ``events`` and ``bytes_in`` counters, then the gauges,
 then the other counters as totals). With ``port`` set, ``GET /metrics`` serves
-:meth:`Metrics.render` in the Prometheus text format from a daemon thread.
+:meth:`Metrics.render` in the Prometheus text format from a daemon thread, on
+``127.0.0.1`` unless a host is given (``0.0.0.0``: every interface, so that other hosts
+can scrape it).
 """
 from __future__ import annotations
 
@@ -60,12 +62,15 @@ class Metrics:
 
     ``log_every``: seconds between log lines (0: every :meth:`tick`; None: never log, the rates
     are still updated every 5 s for :meth:`render`). ``port``: serve ``GET /metrics`` on
-    ``host:port`` (0 = a free port, see :attr:`port`); None = no HTTP server.
+    ``host:port`` (0 = a free port, see :attr:`port`); None = no HTTP server. ``host``
+    defaults to :attr:`default_host`, which a service's ``--metrics-host`` sets.
     Thread-safe: the HTTP thread reads while the service loop writes.
     """
 
+    default_host = "127.0.0.1"      # this host only; "0.0.0.0" exposes it to the network
+
     def __init__(self, service: str, log_every: float | None = 5.0, port: int | None = None,
-                 host: str = "127.0.0.1", logger: logging.Logger | None = None):
+                 host: str | None = None, logger: logging.Logger | None = None):
         self.service = str(service)
         self._prefix = "gpusmd_" + sanitize_name(self.service)
         self.log = logger if logger is not None else logging.getLogger(f"gpusmd.{self.service}")
@@ -81,7 +86,7 @@ class Metrics:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         if port is not None:
-            self._start_server(host, int(port))
+            self._start_server(host or self.default_host, int(port))
 
     # -- recording ------------------------------------------------------------------------
     def inc(self, name: str, n: float = 1) -> None:
