@@ -9,10 +9,13 @@ R2: Jungfrau 4M, calibration + common mode 7 + the same features.
 R3: epix100, droplets + photons.
 
 For each recipe: events/s per stage (calibration with common mode, each function, the
-sums) and end to end, GB/s of raw input; beside them the references: psana-style NumPy
-calibration + common mode (bench/psana_style.py) and pyFAI's integrate1d on a frame of
-the same size (one core), and on a GPU the pinned host-to-device copy bound for the raw
-bytes of an event. On a GPU the whole test suite runs first with the CuPy backend
+sums) and end to end, GB/s of raw input; beside them the references: where psana is
+installed, psana's own calibration + common mode (det.raw.calib of the recipe's run
+written as XTC2, with the same constants: R1 cmpars (7,3,100,10), R2 cversion 0 and
+(7,3,10,10); bench/psana_reference.py, on --psana-events events after a first one), the
+project's psana-style NumPy loops (bench/psana_style.py), pyFAI's integrate1d on a frame
+of the same size (one core), and on a GPU the pinned host-to-device copy bound for the
+raw bytes of an event. On a GPU the whole test suite runs first with the CuPy backend
 (GPUSMD_BACKEND=gpu; its summary in bench/results/tests-gpu.txt and in the results'
 notes; a failure is reported and the benchmark still runs); the results go to
 bench/results/recipes-<backend>.{json,md}. A recipe that fails is a row saying so.
@@ -20,6 +23,7 @@ bench/results/recipes-<backend>.{json,md}. A recipe that fails is a row saying s
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -42,6 +46,8 @@ from gpusmd.errors import GpusmdError  # noqa: E402
 from gpusmd.io.raw import RawRun  # noqa: E402
 from gpusmd.processor import DetectorProcessor  # noqa: E402
 from gpusmd.simulate import simulate_run  # noqa: E402
+
+HAVE_PSANA = importlib.util.find_spec("psana") is not None
 
 AZAV = "{kind: azav, name: %s, center: [0.0, 0.0], dis_to_sam: 80.0, eBeam: 9.5, qedges: %s, phiBins: %d}"
 FEATURES_R12 = """\
@@ -130,9 +136,16 @@ def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
     def calibrate():
         return proc.calibrate(batch)[0]
 
-    psana = psana_rate(model, cfg, proc, raw[:psana_events], cb) if recipe != "R3" else None
-    add("calibration + common mode %s" % code, timed(backend, calibrate),
-        "psana-style NumPy, per-group loops" if psana else None, psana)
+    stage, seconds = "calibration + common mode %s" % code, timed(backend, calibrate)
+    if recipe == "R3":
+        add(stage, seconds)
+    else:
+        if HAVE_PSANA:
+            kwargs, rate = psana_calib_rate(d, det, model, psana_events)
+            add(stage, seconds, f"psana det.raw.calib({', '.join(f'{k}={v}' for k, v in kwargs.items())})",
+                rate)
+        add(stage, seconds, "project's psana-style NumPy loops",
+            psana_style_rate(model, cfg, proc, raw[:psana_events], cb))
     calib = calibrate()
     for feature in proc.features:
         parent = proc.parents.get(feature.name)
@@ -151,7 +164,27 @@ def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
     return rows
 
 
-def psana_rate(model, cfg, proc, raw, cb):
+def psana_calib_rate(d: Path, det: str, model, n_events: int):
+    """psana's det.raw.calib with the recipe's common mode on the recipe's run written as
+    XTC2 (bench/psana_reference.py): (its keywords, events/s over n_events after the
+    first)."""
+    from psana_reference import PSANA_CALIB, psana_calib_pass
+    from gpusmd.io.xtc2 import write_xtc2
+    if not (d / "run.xtc2").exists():
+        write_xtc2(d / "run.h5", d / "run.xtc2")
+    kwargs = PSANA_CALIB[model.family]
+    seconds, _, _ = psana_calib_pass(d / "run.xtc2", d / "constants.h5", det, n_events + 1, **kwargs)
+    return kwargs, 1 / seconds
+
+
+def psana_version() -> str:
+    if not HAVE_PSANA:
+        return "not installed"
+    from psana_reference import psana_version
+    return psana_version()
+
+
+def psana_style_rate(model, cfg, proc, raw, cb):
     from psana_style import calibrate_event, cm_mode7_event
     from gpusmd.calib.common_mode import CM_GAIN_RANGES
     c, mask = proc.constants, proc.masks[cfg.mask]
@@ -225,7 +258,11 @@ def main():
     md = write_results(f"recipes-{backend.name}", f"Recipes R1-R3 on the {backend.name} backend "
                        f"({device})", columns, rows,
                        notes=f"`python bench/run.py --backend {args.backend}`; best of 3 per "
-                       "stage, batches of all the recipe's events at once." + tests)
+                       "stage, batches of all the recipe's events at once. References: psana's "
+                       f"det.raw.calib (psana {psana_version()}) and the psana-style loops on "
+                       f"{args.psana_events} events (psana's after a first one, where it builds "
+                       "its caches); bench/psana_reference.py compares with psana in more "
+                       "detail." + tests)
     print(f"wrote {md}")
 
 
