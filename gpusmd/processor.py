@@ -4,12 +4,14 @@ One DetectorProcessor serves the in-process replay and the service worker alike:
 takes batches of raw frames and returns per-event results as NumPy arrays."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from .backend import Backend
 from .calib.calibrate import Calibrator
 from .calib.common_mode import CM_GAIN_RANGES, CommonMode, resolve
-from .calib.constants import RUN_ANY, Constants
+from .calib.constants import NON_FINITE, RUN_ANY, Constants
 from .calib.masks import pixel_masks
 from .config import DetectorConfig
 from .detectors import DetectorModel
@@ -18,6 +20,8 @@ from .features import FEATURES, Ragged
 from .features.sums import RunSums
 from .geometry import (PSANA_DEFAULT, detector_coords, psana_default_file, read_geometry,
                        with_geometry)
+
+log = logging.getLogger("gpusmd.processor")
 
 
 def build_feature(f, model, masks, backend, constants, input_shape=None):
@@ -68,6 +72,11 @@ class DetectorProcessor:
             self.cmpars = resolve(model.family, cfg.common_mode)
         except ValueError as e:
             raise (cfg.where / "common_mode").error(str(e)) from None
+        flagged = self.constants.flag_non_finite(f"{cfg.calib or self.constants.source}: "
+                                                 f"detector {cfg.name!r}")
+        if flagged:
+            log.warning("%s: %d pixels with NaN or infinite constants are masked (status %d)",
+                        cfg.name, flagged, NON_FINITE)
         self.masks = pixel_masks(model, self.constants, cfg.mask_options)
         self._calibrator = None          # built at the first batch: a sink never needs it
         self._control_bits = {}

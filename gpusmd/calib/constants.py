@@ -19,6 +19,7 @@ from ..io.h5 import open_h5
 FORMAT = "gpusmd-constants"
 FIELDS = ("pedestal", "rms", "gain", "offset", "status", "mask")
 RUN_ANY = -1      # run_max of constants valid for every later run
+NON_FINITE = 256  # status bit: a constant of the pixel was NaN or infinite
 
 
 @dataclass
@@ -47,6 +48,23 @@ class Constants:
                    rms=np.ones(shape, np.float32) if rms is None else np.asarray(rms, np.float32),
                    gain=gain, offset=zeros.copy(), status=zeros.copy(),
                    mask=np.ones(shape, np.float32))
+
+    def flag_non_finite(self, where: str) -> int:
+        """Pixels whose pedestal, offset, gain or rms is NaN or infinite in a gain range
+        get status bit NON_FINITE and 0 for those values there (gain 0: the pixel reads 0);
+        returns how many pixels. Constants with no finite pixel at all are refused."""
+        bad = np.zeros(self.pedestal.shape, bool)
+        for name in ("pedestal", "offset", "gain", "rms"):
+            bad |= ~np.isfinite(getattr(self, name))
+        if not bad.any():
+            return 0
+        if bad.all():
+            raise ConstantsError(f"{where}: every value of the constants is NaN or infinite")
+        for name in ("pedestal", "offset", "gain", "rms"):
+            setattr(self, name, np.where(bad, np.float32(0), getattr(self, name)))
+        self.status = np.where(bad, np.asarray(self.status, np.int64) | NON_FINITE,
+                               self.status).astype(np.float32)
+        return int(bad.any(axis=0).sum())
 
     def status_mask(self) -> np.ndarray:
         """1 where the pixel is good in every gain range (DESIGN §5 'status')."""
