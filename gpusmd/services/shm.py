@@ -15,6 +15,7 @@ ingest when their pid is gone (an ingest that was killed)."""
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 from collections import OrderedDict
@@ -64,8 +65,7 @@ class Slot:
         offsets, size = {}, 0
         for det, (dtype, shape) in self.layout.items():
             offsets[det] = size
-            size += _aligned(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-                             * self.capacity)
+            size += _aligned(math.prod(shape) * np.dtype(dtype).itemsize * self.capacity)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             # the pages are taken now: a full /dev/shm is an error here (ENOSPC), not a
@@ -194,6 +194,8 @@ class SlotReader:
             name, entries = desc["path"], desc["arrays"]
         except (TypeError, KeyError):
             raise ProtocolError(f"bad shared-memory batch descriptor {desc!r}") from None
+        if not isinstance(entries, list):
+            raise ProtocolError(f"bad shared-memory batch descriptor {desc!r}")
         if not isinstance(name, str) or not name.startswith(PREFIX) or "/" in name:
             raise ProtocolError(f"shared-memory batch: {name!r} is not a slot file")
         try:
@@ -207,7 +209,7 @@ class SlotReader:
                 raise ProtocolError(f"shared-memory batch: bad array entry {entry!r}")
             det, dtype, shape = check_descriptor(entry[:3], None)
             offset = entry[3]
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize          # Python integers
             if offset < 0 or offset + nbytes > len(m):
                 raise ProtocolError(f"shared-memory batch: array {det!r} ({nbytes} bytes at "
                                     f"{offset}) lies outside {name} ({len(m)} bytes)")
