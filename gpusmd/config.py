@@ -109,6 +109,8 @@ class ServicesConfig:
     log_every_s: float = 5.0
     curve_keys: Path | None = None  # directory from `gpusmd keys`: CurveZMQ on every link
     shared_memory: bool = True      # batches to the workers of the ingest's host through /dev/shm
+    end_timeout_s: float = 30.0     # after an end, how long missing events are awaited
+    max_error_rows: int = 1000      # /errors rows of a kind of problem per run; one counts the rest
 
 
 def parse_services(d, where: Where, base_dir: Path) -> ServicesConfig:

@@ -1,13 +1,17 @@
-"""What every service shares: sockets (high-water marks, optional CurveZMQ), logging."""
+"""What every service shares: sockets (high-water marks, optional CurveZMQ), logging
+(what peers send is logged at a bounded rate) and the error records of a run."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
+import time
 from pathlib import Path
 
 import zmq
 
 from ..config import ServicesConfig
+from .protocol import REASON_CHARS
 from .security import CurveKeys, generate_keys, secure_client, secure_server
 
 LINGER_MS = 2000      # what is queued at exit still goes out (results, acks)
@@ -54,3 +58,90 @@ def open_socket(ctx: zmq.Context, kind: int, address: str, bind: bool,
 
 def setup_logging(level=logging.INFO):
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+MAX_KINDS = 50         # kinds of problem told apart (per run, per log); the rest are "other"
+
+
+def problem_kind(reason: str) -> str:
+    """What problems of one kind share: the reason with its numbers left out."""
+    return re.sub(r"\d+", "#", reason)[:80]
+
+
+class QuietLog:
+    """Log lines about what peers send, at a bounded rate: a line of a kind (by default
+    the message with its numbers left out) goes out at once; the others of that kind in
+    the next ``every_s`` are counted, and one line then says how many there were."""
+
+    def __init__(self, logger: logging.Logger, every_s: float):
+        self.logger = logger
+        self.every_s = every_s
+        self.kinds: dict[str, list] = {}       # kind -> [time of the next line, left out]
+
+    def warning(self, message: str, kind: str | None = None):
+        self.log(logging.WARNING, message, kind)
+
+    def info(self, message: str, kind: str | None = None):
+        self.log(logging.INFO, message, kind)
+
+    def log(self, level: int, message: str, kind: str | None = None):
+        message = message[:2 * REASON_CHARS]
+        kind = problem_kind(message) if kind is None else kind
+        now = self.tick()
+        if kind not in self.kinds and len(self.kinds) >= MAX_KINDS:
+            kind = "other"
+        state = self.kinds.setdefault(kind, [0.0, 0])
+        if now < state[0]:
+            state[1] += 1
+        else:
+            self.logger.log(level, "%s", message)
+            state[0] = now + self.every_s
+
+    def tick(self) -> float:
+        """Say how many lines of the kinds whose interval is over were left out, and
+        forget those kinds (call it now and then); the time now."""
+        now = time.monotonic()
+        for kind, (next_t, left_out) in list(self.kinds.items()):
+            if now >= next_t:
+                if left_out:
+                    self.logger.warning("%d more like: %s", left_out, kind)
+                del self.kinds[kind]
+        return now
+
+
+class ErrorRecords:
+    """A run's error records [event, stage, reason] on their way to /errors: at most
+    ``keep`` of each kind of problem (see problem_kind); the others are counted, and
+    ``close`` adds one record per such kind: [-1, stage, "N more like: <reason>"]."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.queue: list = []
+        self.counts: dict[str, int] = {}
+        self.more: dict[str, list] = {}       # kind -> [stage, a reason, count]
+        self.closed = False
+
+    def add(self, event: int, stage: str, reason: str):
+        reason = reason[:REASON_CHARS]
+        kind = problem_kind(reason)
+        if kind not in self.counts and len(self.counts) >= MAX_KINDS:
+            kind = "other"
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if self.counts[kind] <= self.keep:
+            self.queue.append([event, stage, reason])
+        else:
+            self.more.setdefault(kind, [stage, reason, 0])[2] += 1
+
+    def take(self, n: int) -> list:
+        records, self.queue = self.queue[:n], self.queue[n:]
+        return records
+
+    def give_back(self, records: list):
+        self.queue[:0] = records
+
+    def close(self):
+        """The run is over: the counts of the records not kept join the queue."""
+        if not self.closed:
+            self.closed = True
+            self.queue += [[-1, stage, f"{n} more like: {reason}"[:REASON_CHARS]]
+                           for stage, reason, n in self.more.values()]
