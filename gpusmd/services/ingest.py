@@ -3,35 +3,50 @@ work, and keeps every batch until the sink has acknowledged it (DESIGN §2-3).
 
 Delivery: a worker that stops sending heartbeats for ``worker_timeout_s`` is dropped
 and its unacknowledged batches go to another worker; the sink writes each event once.
+A dropped worker that speaks again is asked to rejoin, and says again what it can take.
 Backpressure: at most ``max_in_flight_batches`` batches are out with workers and not yet
 acknowledged, and the ingest stops reading its source while ``max_pending_batches``
 batches wait, so a slow chain slows the source (its sends block) and the memory held
-here stays below (max_pending + max_in_flight + 1) batches. Malformed events are recorded (event id, reason), sent to the
-sink's error log and skipped."""
+here stays below (max_pending + max_in_flight + 1) batches.
+
+Nothing a peer sends stops the ingest. Every field of a message is checked before it is
+used (services/protocol.py); a malformed event is recorded (event id, reason) for the
+sink's /errors (at most ``max_error_rows`` of a kind of problem per run, then one record
+counts the others) and skipped, and logged at a bounded rate. A worker's messages must
+come from its own socket; an ack must carry the token that only the sink can make
+(protocol.batch_token) and is taken once: a batch's shared-memory slot is reused only
+once the sink has its result. Each socket is read at most BURST
+messages a turn, so heartbeats and credits are served while another socket floods.
+
+End of run: the source's end says how many events it sent; the run ends once that many
+messages have come from the source since begin_run (good or not), or
+``end_timeout_s`` after the last one, the missing ones recorded."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
 import zmq
 
 from ..config import Config
-from ..errors import GpusmdError
-from ..runinfo import RunInfo
-from .common import open_socket
+from .common import ErrorRecords, QuietLog, open_socket
 from .metrics import Metrics
-from .protocol import ProtocolError, decode, encode, pack
+from .protocol import (MAX_NAME, ProtocolError, batch_token, decode, encode, event_entry,
+                       is_int, pack, run_info, same_secret, short)
 from .shm import Slot, SlotPool, host_key
 
 log = logging.getLogger("gpusmd.ingest")
+BURST = 64                   # messages read from one socket in one turn of the loop
+ERRORS_PER_MESSAGE = 1000    # error records in one message to the sink
 
 
 @dataclass
 class Batch:
     id: int
+    token: str
     header: dict
     event_ids: list
     nbytes: int
@@ -81,13 +96,15 @@ class Ingest:
         self.host = host_key() if s.shared_memory else None
         self.slots = SlotPool() if self.host else None
         self.slot: Slot | None = None              # the slot of the batch being filled
+        self.quiet = QuietLog(log, s.log_every_s)
         self.reset_run()
 
     # ---- run state ----------------------------------------------------------------
     def reset_run(self):
-        self.info: RunInfo | None = None
+        self.info = None
+        self.key: str | None = None                # the run's secret, shared with the sink
         self.run_frames: list | None = None        # begin_run message, for late workers
-        self.current: list = []                    # events of the batch being filled
+        self.current: list = []         # (entry, message, bytes): the batch being filled
         self.current_since = 0.0
         self.pending: deque[Batch] = deque()       # batches waiting for a worker
         self.in_flight: dict[int, tuple[Batch, str]] = {}
@@ -95,7 +112,12 @@ class Ingest:
         self.last_event = None
         self.n_events = 0
         self.n_errors = 0
+        self.n_received = 0          # messages from the source since begin_run, good or not
+        self.last_received = 0.0
+        self.announced: int | None = None          # the events the source's end says it sent
+        self.end_at = 0.0
         self.source_done = False
+        self.records = ErrorRecords(self.cfg.max_error_rows)
         for w in self.workers.values():
             w.run_sent = None
 
@@ -109,78 +131,90 @@ class Ingest:
         try:
             msg = decode(frames)
         except ProtocolError as e:
+            self.received()
             return self.reject(e.event, str(e))
-        kind = msg.kind
-        if kind == "begin_run":
+        if msg.kind == "begin_run":
             return self.begin_run(msg)
-        if kind == "end":
-            if self.info is None:
-                return self.reject(None, "end of run without begin_run")
-            self.source_done = True
-            self.close_batch()
-            return
-        if kind != "event":
-            return self.reject(msg.header.get("event"), f"unexpected {kind!r} message from a source")
-        problem = self.check_event(msg)
-        if problem:
-            return self.reject(msg.header.get("event"), problem)
-        self.add_event(msg)
+        if msg.kind == "end":
+            return self.on_end(msg)
+        self.received()
+        event = msg.header.get("event") if is_int(msg.header.get("event")) else None
+        if msg.kind != "event":
+            return self.reject(event, f"unexpected {msg.kind!r} message from a source")
+        if self.info is None:
+            return self.reject(event, "event before begin_run")
+        try:
+            entry = event_entry(msg, self.info)
+        except ProtocolError as e:
+            return self.reject(e.event, str(e))
+        if self.last_event is not None and entry["event"] <= self.last_event:
+            return self.reject(entry["event"], f"event id {entry['event']} is not after "
+                                               f"{self.last_event} (duplicate or out of order)")
+        self.add_event(msg, entry)
+
+    def received(self):
+        if self.info is not None:
+            self.n_received += 1
+            self.last_received = time.monotonic()
 
     def begin_run(self, msg):
-        if self.info is not None:
-            return self.reject(None, f"begin_run of run {msg.header.get('run')} while run "
-                                     f"{self.info.run} is open")
         try:
-            self.info = RunInfo.from_message(msg.header, msg.arrays)
-        except GpusmdError as e:
+            info = run_info(msg)
+        except ProtocolError as e:
             return self.reject(None, str(e))
-        self.run_frames = msg.frames
-        self.sink.send_multipart(msg.frames, copy=False)
-        log.info("run %d begins: %s", self.info.run,
-                 ", ".join(f"{n} ({m.type})" for n, m in self.info.detectors.items()))
+        if self.info is not None:
+            return self.reject(None, f"begin_run of run {info.run} while run {self.info.run} "
+                                     f"is open: refused")
+        self.info = info
+        self.key = secrets.token_hex(16)
+        header, arrays = info.to_message()         # the checked fields only
+        self.run_frames = encode(header, arrays)
+        self.sink.send_multipart(encode({**header, "key": self.key}, arrays))
+        log.info("run %d begins: %s", info.run,
+                 ", ".join(f"{n} ({m.type})" for n, m in info.detectors.items()))
 
-    def check_event(self, msg) -> str | None:
+    def on_end(self, msg):
         h = msg.header
         if self.info is None:
-            return "event before begin_run"
-        if h.get("run") != self.info.run:
-            return f"event of run {h.get('run')!r}, but run {self.info.run} is open"
-        event, ts = h.get("event"), h.get("timestamp")
-        if not isinstance(event, int) or not isinstance(ts, int):
-            return "event id and timestamp must be integers"
-        if self.last_event is not None and event <= self.last_event:
-            return f"event id {event} is not after {self.last_event} (duplicate or out of order)"
-        unknown = set(msg.arrays) - set(self.info.detectors)
-        if unknown:
-            return f"unknown detector(s) {sorted(unknown)}"
-        for det, model in self.info.detectors.items():
-            a = msg.arrays.get(det)
-            if a is None:
-                return f"no frame of detector {det!r}"
-            if a.shape != model.shape or a.dtype != np.dtype(model.dtype):
-                return (f"{det}: frame {a.dtype} {a.shape}, a {model.type} sends "
-                        f"{model.dtype} {model.shape}")
-        scalars = h.get("scalars") or {}
-        if not isinstance(scalars, dict):
-            return "scalars must be a map"
-        missing = set(self.info.scalars) - set(scalars)
-        if missing:
-            return f"missing scalar(s) {sorted(missing)}"
-        if any(not isinstance(scalars[n], (int, float)) for n in self.info.scalars):
-            return "scalars must be numbers"
-        return None
+            return self.reject(None, "end of run without begin_run")
+        if not is_int(h.get("run"), self.info.run, self.info.run):
+            return self.reject(None, f"end of run {short(h.get('run'))}, but run "
+                                     f"{self.info.run} is open")
+        n = h.get("n_events")
+        if n is None:
+            self.quiet.warning(f"the end of run {self.info.run} does not say how many events "
+                               f"were sent (an older source): the run ends with those that came")
+            n = self.n_received
+        elif not is_int(n):
+            return self.reject(None, f"end: n_events must be a count, got {short(n)}")
+        self.announced = n
+        self.end_at = time.monotonic()
 
-    def add_event(self, msg):
-        h = msg.header
-        self.last_event = h["event"]
+    def check_end(self):
+        """The source is done once its end has come and the events it announced too, or
+        ``end_timeout_s`` after the last of them came: the missing ones are recorded."""
+        if self.source_done or self.announced is None:
+            return
+        missing = self.announced - self.n_received
+        if missing > 0:
+            timeout = self.cfg.end_timeout_s
+            if time.monotonic() - max(self.end_at, self.last_received) < timeout:
+                return
+            self.reject(None, f"{missing} of the {self.announced} events the source's end "
+                              f"announced never came (waited {timeout:g} s)", missing)
+        self.source_done = True
+        self.close_batch()
+
+    def add_event(self, msg, entry: dict):
+        self.last_event = entry["event"]
         nbytes = sum(a.nbytes for a in msg.arrays.values())
         if (self.slots is not None and not self.current       # a new batch: a slot for it,
                 and any(w.shared for w in self.workers.values())):  # when a worker can read it
             self.slot = self.take_slot()
         if self.slot is not None:      # into shared memory now, the message is let go
             self.slot.add(msg.arrays)
-            msg = type(msg)(msg.header, {})
-        self.current.append((msg, h["event"], nbytes))
+            msg = None
+        self.current.append((entry, msg, nbytes))
         self.metrics.inc("events")
         self.metrics.inc("bytes_in", nbytes)
         if len(self.current) == 1:
@@ -205,17 +239,16 @@ class Ingest:
         if not self.current:
             return
         events, descriptors, frames = [], [], []
-        for i, (msg, event, _) in enumerate(self.current):
-            h = msg.header
-            events.append({"event": event, "timestamp": h["timestamp"],
-                           "scalars": {n: h["scalars"][n] for n in self.info.scalars},
-                           "steps": h.get("steps") or {}})
+        for i, (entry, msg, _) in enumerate(self.current):
+            events.append(entry)
             if self.slot is None:
-                for (name, dtype, shape), frame in zip(h["arrays"], msg.frames[1:]):
-                    descriptors.append([f"{i}/{name}", dtype, shape])
+                for (name, a), frame in zip(msg.arrays.items(), msg.frames[1:]):
+                    descriptors.append([f"{i}/{name}", a.dtype.str, list(a.shape)])
                     frames.append(frame)
-        header = {"kind": "batch", "run": self.info.run, "batch": self.next_batch, "events": events}
-        batch = Batch(self.next_batch, header, [e["event"] for e in events],
+        token = batch_token(self.key, self.info.run, self.next_batch)
+        header = {"kind": "batch", "run": self.info.run, "batch": self.next_batch,
+                  "token": token, "events": events}
+        batch = Batch(self.next_batch, token, header, [e["event"] for e in events],
                       sum(e[2] for e in self.current), frames, descriptors, self.slot)
         self.slot = None
         self.pending.append(batch)
@@ -223,38 +256,81 @@ class Ingest:
         self.next_batch += 1
         self.current = []
 
-    def reject(self, event, reason: str):
-        self.n_errors += 1
-        self.metrics.inc("errors")
-        log.warning("event %s skipped: %s", event, reason)
-        run = self.info.run if self.info else None
-        self.sink.send_multipart(encode({"kind": "errors", "run": run,
-                                         "errors": [[event if event is not None else -1,
-                                                     "ingest", reason]]}))
+    def reject(self, event: int | None, reason: str, count: int = 1):
+        """What the source sent, skipped (``count`` events): logged (at a bounded rate)
+        and, in a run, recorded for the output's /errors."""
+        self.metrics.inc("errors", count)
+        self.quiet.warning(f"event {event} skipped: {reason}" if event is not None
+                           else f"skipped: {reason}")
+        if self.info is not None:
+            self.n_errors += count
+            self.records.add(-1 if event is None else event, "ingest", reason)
+
+    def send_errors(self) -> bool:
+        """The run's queued error records to the sink; False while some wait (the sink
+        takes no more now: tried again next turn, the ingest does not block)."""
+        while self.records.queue:
+            records = self.records.take(ERRORS_PER_MESSAGE)
+            try:
+                self.sink.send_multipart(encode({"kind": "errors", "run": self.info.run,
+                                                 "key": self.key, "errors": records}),
+                                         flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self.records.give_back(records)
+                return False
+        return True
+
+    def refuse(self, message: str):
+        """A forged or malformed control message: logged (at a bounded rate), not obeyed."""
+        self.metrics.inc("refused")
+        self.quiet.warning(message)
 
     # ---- workers ----------------------------------------------------------------------
     def on_worker(self, frames):
         identity, *rest = frames
+        who = bytes(identity.buffer)
         try:
             msg = decode(rest)
         except ProtocolError as e:
-            log.warning("bad message from worker %r: %s", bytes(identity), e)
-            return
-        name = msg.header.get("worker")
-        if not isinstance(name, str):
-            return
+            return self.refuse(f"bad message from worker {short(who)}: {e}")
+        h, kind = msg.header, msg.kind
+        name = h.get("worker")
+        # a worker's own sockets: "<name>" (ready) and "<name>/hb" (heartbeats)
+        if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME
+                and who == (name if kind == "ready" else f"{name}/hb").encode()):
+            return self.refuse(f"a {kind!r} message from {short(who)} in the name of worker "
+                               f"{short(name)}: refused")
+        credit = h.get("credit")
+        if kind not in ("ready", "heartbeat") or (kind == "ready" and not is_int(credit, 1)):
+            return self.refuse(f"worker {name}: {kind!r} message (credit {short(credit)}) "
+                               f"refused")
+        join = kind == "ready" and h.get("join") is True
         w = self.workers.get(name)
         if w is None:
             w = self.workers[name] = Worker(name)
-            log.info("worker %s joined", name)
+            if join:
+                self.quiet.info(f"worker {name} joined", kind=f"joined {name}")
+            else:          # dropped while silent, it speaks again: it says what it can take
+                self.quiet.info(f"worker {name} speaks again: asked to rejoin",
+                                kind=f"rejoin {name}")
+                self.send_worker(w, encode({"kind": "rejoin"}))
         w.last_seen = time.monotonic()
-        if msg.kind == "ready":
-            w.credit += int(msg.header.get("credit", 1))
-            shared = self.host is not None and msg.header.get("host") == self.host
+        if kind == "ready":
+            # join: all it can take; else more, after a batch (a worker holds at most credits)
+            w.credit = min(credit if join else w.credit + credit, self.cfg.credits)
+            shared = self.host is not None and h.get("host") == self.host
             if shared != w.shared:
                 log.info("worker %s: batches through %s", name,
                          "shared memory" if shared else "the link")
             w.shared = shared
+
+    def send_worker(self, w: Worker, frames: list) -> bool:
+        try:
+            self.work.send_multipart([w.name.encode(), *frames], copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:         # gone (unroutable) or full: not this one now
+            self.quiet.warning(f"cannot send to worker {w.name} ({e})")
+            return False
 
     def dispatch(self):
         while (self.pending and self.info is not None
@@ -264,15 +340,12 @@ class Ingest:
                 return
             w = max(ready, key=lambda w: w.credit)
             batch = self.pending[0]
-            try:
-                if w.run_sent != self.info.run:
-                    self.work.send_multipart([w.name.encode(), *self.run_frames],
-                                             copy=False, flags=zmq.NOBLOCK)
-                    w.run_sent = self.info.run
-                self.work.send_multipart([w.name.encode(), *batch.message(w.shared)],
-                                         copy=False, flags=zmq.NOBLOCK)
-            except zmq.ZMQError as e:         # gone (unroutable) or full: not this one now
-                log.warning("cannot send to worker %s (%s)", w.name, e)
+            if w.run_sent != self.info.run:
+                if not self.send_worker(w, self.run_frames):
+                    w.credit = 0
+                    continue
+                w.run_sent = self.info.run
+            if not self.send_worker(w, batch.message(w.shared)):
                 w.credit = 0
                 continue
             self.pending.popleft()
@@ -286,8 +359,8 @@ class Ingest:
             if now - w.last_seen > self.cfg.worker_timeout_s:
                 del self.workers[name]
                 lost = sorted(b for b in w.batches if b in self.in_flight)
-                log.warning("worker %s silent for %.1f s: dropped; re-sending batches %s",
-                            name, now - w.last_seen, lost)
+                self.quiet.warning(f"worker {name} silent for {now - w.last_seen:.1f} s: "
+                                   f"dropped; re-sending batches {lost}", kind=f"drop {name}")
                 self.metrics.inc("resent_batches", len(lost))
                 for b in reversed(lost):
                     self.pending.appendleft(self.in_flight.pop(b)[0])
@@ -296,19 +369,25 @@ class Ingest:
         try:
             msg = decode(frames)
         except ProtocolError as e:
-            log.warning("bad ack: %s", e)
-            return
+            return self.refuse(f"bad ack: {e}")
         b = msg.header.get("batch")
-        done = self.in_flight.pop(b, None)
-        if done is not None:
-            w = self.workers.get(done[1])
+        if msg.kind != "ack" or not is_int(b):
+            return self.refuse(f"bad ack (a {msg.kind!r} message of batch {short(b)}): refused")
+        sent = self.in_flight.get(b)
+        batch = sent[0] if sent else next((x for x in self.pending if x.id == b), None)
+        if batch is None:       # acknowledged already (a re-sent batch is acked twice)
+            return
+        if not same_secret(msg.header.get("token"),
+                           batch_token(self.key, self.info.run, b, ack=True)):
+            return self.refuse(f"ack of batch {b} without the sink's token: refused")
+        if sent:
+            self.in_flight.pop(b)
+            w = self.workers.get(sent[1])
             if w is not None:
                 w.batches.discard(b)
-            self.let_go(done[0])
-        else:       # acknowledged by the sink after a re-send was queued: drop it
-            for x in [x for x in self.pending if x.id == b]:
-                self.let_go(x)
-            self.pending = deque(x for x in self.pending if x.id != b)
+        else:                   # its worker was dropped and the batch waits to be re-sent
+            self.pending.remove(batch)
+        self.let_go(batch)
 
     def let_go(self, batch: Batch):
         """A batch the sink has: its slot takes the next batch."""
@@ -319,12 +398,15 @@ class Ingest:
     def maybe_end_run(self) -> bool:
         if not (self.source_done and not self.current and not self.pending and not self.in_flight):
             return False
-        end = encode({"kind": "end", "run": self.info.run, "n_batches": self.next_batch,
-                      "n_events": self.n_events, "n_errors": self.n_errors})
-        self.sink.send_multipart(end)
+        self.records.close()
+        if not self.send_errors():          # the run's errors go first
+            return False
+        end = {"kind": "end", "run": self.info.run, "n_batches": self.next_batch,
+               "n_events": self.n_events, "n_errors": self.n_errors}
+        self.sink.send_multipart(encode({**end, "key": self.key}))
         for w in self.workers.values():
             try:
-                self.work.send_multipart([w.name.encode(), *end], flags=zmq.NOBLOCK)
+                self.work.send_multipart([w.name.encode(), *encode(end)], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         log.info("run %d ends: %d events in %d batches, %d errors", self.info.run,
@@ -337,25 +419,23 @@ class Ingest:
         poller = zmq.Poller()
         poller.register(self.work, zmq.POLLIN)
         poller.register(self.acks, zmq.POLLIN)
+        max_pending = self.cfg.max_pending_batches
         try:
             while True:
                 # backpressure: leave the source unread while enough batches wait
-                reading = len(self.pending) < self.cfg.max_pending_batches
+                reading = len(self.pending) < max_pending
                 poller.register(self.source, zmq.POLLIN if reading else 0)
-                events = dict(poller.poll(50))
-                if self.acks in events:
-                    while self.acks.poll(0):
-                        self.on_ack(self.acks.recv_multipart(copy=False))
-                if self.work in events:
-                    while self.work.poll(0):
-                        self.on_worker(self.work.recv_multipart(copy=False))
-                if reading and self.source in events:
-                    for _ in range(self.batch_size):
-                        if len(self.pending) >= self.cfg.max_pending_batches or not self.source.poll(0):
-                            break
-                        self.on_source(self.source.recv_multipart(copy=False))
+                poller.poll(50)
+                self.drain(self.acks, self.on_ack)
+                self.drain(self.work, self.on_worker)
+                if reading:
+                    self.drain(self.source, self.on_source,
+                               lambda: len(self.pending) < max_pending)
                 if self.current and time.monotonic() - self.current_since > self.cfg.batch_timeout_s:
                     self.close_batch()
+                if self.info is not None:
+                    self.check_end()
+                    self.send_errors()
                 self.check_workers()
                 self.dispatch()
                 self.metrics.set("pending", len(self.pending))
@@ -363,10 +443,27 @@ class Ingest:
                 self.metrics.set("workers", len(self.workers))
                 self.metrics.set("held_bytes", self.held_bytes())
                 self.metrics.tick()
+                self.quiet.tick()
                 if self.info is not None and self.maybe_end_run() and self.once:
                     return
         finally:
             self.close()
+
+    def drain(self, sock: zmq.Socket, handle, more=lambda: True):
+        """Handle up to BURST messages waiting on a socket (while ``more()``)."""
+        for _ in range(BURST):
+            if not more():
+                return
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception as e:     # a fault here, not the peer's: said, and on we go
+                self.metrics.inc("faults")
+                self.quiet.log(logging.ERROR, f"a message could not be handled: "
+                                              f"{type(e).__name__}: {e}")
 
     def close(self):
         self.metrics.close()

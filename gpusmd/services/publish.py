@@ -65,7 +65,8 @@ def publish(source, config: Config, rate: float = 0.0, max_events: int | None = 
                                                         for det, f in batch.frames.items()}),
                                         copy=False)
                     n += 1
-            sent = sock.send_multipart(tracked(encode({"kind": "end", "run": run.run})))
+            sent = sock.send_multipart(tracked(encode({"kind": "end", "run": run.run,
+                                                       "n_events": n})))
             while not (own or sent.done):
                 sock.poll(10)       # raises ContextTerminated once ctx.term() is called
             seconds = time.perf_counter() - t0

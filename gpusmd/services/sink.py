@@ -4,7 +4,13 @@ the output file of DESIGN §9, readable while it grows (SWMR, flushed every ``fl
 Results are acknowledged to the ingest node as they arrive; a duplicate (a batch re-sent
 after its worker was thought dead) is acknowledged again and dropped. The file is closed
 when the ingest's end-of-run message has come and every batch it counted is written; the
-events that could not be reduced are in /errors with their reason."""
+events that could not be reduced are in /errors with their reason.
+
+Nothing a peer sends stops the sink, and only the run's own messages are written: a
+result must carry its batch's token and the ingest's errors and end the run's key (see
+protocol.batch_token), a begin_run while a run is open is refused, and a result that
+cannot be written (its fields checked, services/protocol.py) is one /errors record of
+its batch. What is refused is logged at a bounded rate."""
 from __future__ import annotations
 
 import logging
@@ -22,9 +28,10 @@ from ..features import unflatten_columns
 from ..io.output import SmallDataWriter
 from ..replay import build_processors, provenance, write_run_end, write_user_data_cfg
 from ..runinfo import RunInfo
-from .common import open_socket
+from .common import QuietLog, open_socket
 from .metrics import Metrics
-from .protocol import ProtocolError, decode, encode
+from .protocol import (Message, ProtocolError, batch_token, check_records, check_result, decode,
+                       encode, is_int, result_layout, run_info, same_secret, short)
 
 log = logging.getLogger("gpusmd.sink")
 DEFAULT_OUTPUT = "{experiment}_Run{run:04d}.h5"
@@ -122,6 +129,11 @@ class Sink:
         self.early: list = []                   # results and errors before their begin_run
         self.written: list[Path] = []
         self.closed_runs: set[int] = set()      # late duplicates of these are dropped
+        self.quiet = QuietLog(log, self.cfg.log_every_s)
+        self.key: str | None = None             # the open run's secret, from its ingest
+        self.layout: dict | None = None         # its per-event arrays (result_layout)
+        self.last_heard = 0.0                   # when the open run's last message came
+        self.waiting = None                     # a begin_run refused while a run was open
 
     def output_path(self, info: RunInfo) -> Path:
         return Path(self.output.format(run=info.run, experiment=info.experiment or "run"))
@@ -131,25 +143,29 @@ class Sink:
         try:
             msg = decode(frames)
         except ProtocolError as e:
-            log.warning("bad message: %s", e)
-            self.metrics.inc("errors")
-            return False
+            return self.refuse(f"bad message: {e}")
         kind, run = msg.kind, msg.header.get("run")
         if kind == "begin_run":
             return self.begin_run(msg)
-        if run in self.closed_runs and kind in ("result", "errors", "end"):
-            log.info("dropped a late %s of run %s, whose file is closed", kind, run)
+        if kind not in ("result", "errors", "end") or not is_int(run):
+            return self.refuse(f"a {kind!r} message of run {short(run)}: refused")
+        if run in self.closed_runs:
+            self.quiet.info(f"dropped a late {kind} of run {run}, whose file is closed")
             self.metrics.inc("duplicates")
             return False
         if self.current is None or run != self.current.info.run:
-            if kind in ("result", "errors"):
-                self.early.append(msg)
+            self.keep_early(msg)
             return False
+        msg = self.checked(msg)
+        if msg is None:
+            return False
+        self.last_heard = time.monotonic()
         if kind == "result":
             if self.delay_s:
                 time.sleep(self.delay_s)
             fresh = self.current.add_result(msg)
-            self.ack(msg.header["batch"])
+            b = msg.header["batch"]
+            self.ack(b, batch_token(self.key, run, b, ack=True))
             self.metrics.inc("events" if fresh else "duplicates",
                              len(msg.header["events"]) if fresh else 1)
         elif kind == "errors":
@@ -165,12 +181,79 @@ class Sink:
             return True
         return False
 
+    def refuse(self, message: str) -> bool:
+        """A message not taken: logged (at a bounded rate) and counted."""
+        self.metrics.inc("refused")
+        self.quiet.warning(message)
+        return False
+
+    def keep_early(self, msg):
+        """A result or errors message of a run not begun here (yet): kept for its
+        begin_run, a bounded number of them."""
+        if msg.kind == "end":
+            return
+        if len(self.early) >= max(64, 2 * self.cfg.max_in_flight_batches):
+            self.refuse(f"a {msg.kind} of run {msg.header['run']}, not open here: dropped")
+            return
+        self.early.append(msg)
+
+    def checked(self, msg):
+        """The open run's message to take, or None when refused: an errors or end message
+        must carry the run's key (only its ingest has it), a result its batch's token
+        (only the ingest and the worker the batch went to have it). A result that cannot
+        be written is taken as one error record of its batch (no rows)."""
+        h, run = msg.header, self.current.info.run
+        if msg.kind != "result":
+            problem = None if same_secret(h.get("key"), self.key) else "not the run's key"
+            if problem is None and msg.kind == "errors":
+                problem = check_records(h.get("errors"))
+            if problem is None and msg.kind == "end" and not is_int(h.get("n_batches")):
+                problem = f"n_batches {short(h.get('n_batches'))}"
+            if problem:
+                self.refuse(f"{msg.kind} message of run {run} refused: {problem}")
+                return None
+            return msg
+        b = h.get("batch")
+        if not is_int(b) or not same_secret(h.get("token"), batch_token(self.key, run, b)):
+            self.refuse(f"result of batch {short(b)} of run {run} without its token: refused")
+            return None
+        sums = {f"sums/{det}/{key}": proc.sums.shape for det, proc in self.current.procs.items()
+                for key in proc.sums.keys}
+        problem = check_result(msg, self.current.info, sums)
+        if problem is None and h["events"]:       # the same columns as the run's first batch
+            layout = result_layout(msg)
+            if self.layout is None:
+                self.layout = layout
+            if layout != self.layout:
+                problem = f"columns {short(layout)}, the run has {short(self.layout)}"
+        if problem is None:
+            return msg
+        self.quiet.warning(f"batch {b}: the result of worker {short(h.get('worker'))} cannot be "
+                           f"written: {problem}")
+        return Message({"kind": "result", "run": run, "batch": b,
+                        "events": [], "timestamps": [], "n_sum_events": 0,
+                        "scalars": {name: [] for name in self.current.info.scalars},
+                        "errors": [[-1, "sink", f"batch {b}: a result that cannot be written "
+                                                f"({problem})"]]}, {})
+
     def begin_run(self, msg) -> bool:
+        """Open a run's file. Refused while a run is open, unless that run has been silent
+        for end_timeout_s (its ingest is gone: it is closed incomplete)."""
         try:
-            info = RunInfo.from_message(msg.header, msg.arrays)
+            info = run_info(msg)
+            if not isinstance(msg.header.get("key"), str):
+                raise ProtocolError("begin_run without the ingest's key")
+        except ProtocolError as e:
+            return self.refuse(f"{e}: refused")
+        silent = time.monotonic() - self.last_heard
+        if self.current is not None and silent < self.cfg.end_timeout_s:
+            self.waiting = msg
+            return self.refuse(f"begin_run of run {info.run} while run {self.current.info.run} "
+                               f"is open: refused")
+        try:
             if self.current is not None:
-                log.error("run %d begins while run %d is open: closing it incomplete",
-                          info.run, self.current.info.run)
+                log.error("run %d begins while run %d is open, silent for %.0f s: closing it "
+                          "incomplete", info.run, self.current.info.run, silent)
                 self.current.finish(self.config)
             path = self.output_path(info)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,14 +262,29 @@ class Sink:
             log.error("cannot write run %s: %s", msg.header.get("run"), e)
             return False
         log.info("run %d -> %s", info.run, path)
+        self.key, self.layout, self.last_heard = msg.header["key"], None, time.monotonic()
+        self.waiting = None
         early, self.early = self.early, []
         return any(self.on_message(m.frames) for m in early)
 
-    def ack(self, batch: int):
+    def begin_waiting(self) -> bool:
+        """A begin_run refused while a run was open, taken when that run is over or silent
+        for end_timeout_s and results of the waiting run have come (so that a begin_run
+        sent ahead of the real one does not keep the real one out)."""
+        w = self.waiting
+        if w is None or not any(m.header["run"] == w.header["run"] for m in self.early):
+            return False
+        if self.current is not None and time.monotonic() - self.last_heard < self.cfg.end_timeout_s:
+            return False
+        self.waiting = None
+        return self.begin_run(w)
+
+    def ack(self, batch: int, token: str):
         try:
-            self.acks.send_multipart(encode({"kind": "ack", "batch": batch}), flags=zmq.NOBLOCK)
+            self.acks.send_multipart(encode({"kind": "ack", "batch": batch, "token": token}),
+                                     flags=zmq.NOBLOCK)
         except zmq.Again:       # the ingest will re-send; the duplicate is dropped here
-            log.warning("ack of batch %d not sent (ingest not reachable)", batch)
+            self.quiet.warning(f"ack of batch {batch} not sent (ingest not reachable)")
 
     def run(self):
         last_flush = time.monotonic()
@@ -195,11 +293,14 @@ class Sink:
                 if self.input.poll(100):
                     if self.on_message(self.input.recv_multipart(copy=False)) and self.once:
                         return
+                if self.begin_waiting() and self.once:
+                    return
                 if self.current is not None and time.monotonic() - last_flush > self.cfg.flush_s:
                     self.current.writer.flush()
                     last_flush = time.monotonic()
                 self.metrics.set("waiting_batches", len(self.current.results) if self.current else 0)
                 self.metrics.tick()
+                self.quiet.tick()
         finally:
             self.close()
 

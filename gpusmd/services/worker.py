@@ -8,7 +8,11 @@ On the GPU, a batch's raw frames (their own dtype, never floats) are written str
 from the received message into a pinned host buffer and their host -> device copy is
 started at once (``GpuStager``); when the next batch is already waiting on the socket,
 it is received and its copy started before the current batch is processed, so that the
-copy of batch k + 1 overlaps the compute of batch k."""
+copy of batch k + 1 overlaps the compute of batch k.
+
+A worker the ingest dropped (silent too long: stopped, or cut off) is asked to rejoin
+when it speaks again, and says again how many batches it can take. A batch it still
+held went to another worker meanwhile: the sink keeps the first result of a batch."""
 from __future__ import annotations
 
 import logging
@@ -29,7 +33,7 @@ from ..replay import build_processors, reduce_frames
 from ..runinfo import RunInfo
 from .common import open_socket
 from .metrics import Metrics
-from .protocol import ProtocolError, decode, encode
+from .protocol import ProtocolError, check_batch, decode, encode, run_info
 from .shm import SlotReader, host_key
 
 log = logging.getLogger("gpusmd.worker")
@@ -142,12 +146,13 @@ class Worker:
         finally:
             hb.close(linger=0)
 
-    def send_ready(self, credit: int):
+    def send_ready(self, credit: int, join: bool = False):
+        """credit: batches it can take more; join: all it can take (it holds none)."""
         self.work.send_multipart(encode({"kind": "ready", "worker": self.name, "credit": credit,
-                                         "host": self.host}))
+                                         "host": self.host, "join": join}))
 
     def on_begin_run(self, msg):
-        info = RunInfo.from_message(msg.header, msg.arrays)
+        info = run_info(msg)
         self.infos = {info.run: info}
         self.runs = {info.run: build_processors(self.config, info, self.backend)}
         if self.stager is not None:
@@ -214,8 +219,8 @@ class Worker:
             finally:
                 if staged.k is not None:
                     self.stager.release(staged.k)
-        header = {"kind": "result", "run": run, "batch": batch, "worker": self.name,
-                  "backend": self.backend.name,
+        header = {"kind": "result", "run": run, "batch": batch, "token": h["token"],
+                  "worker": self.name, "backend": self.backend.name,
                   "events": [ids[i] for i in good],
                   "timestamps": [events[i]["timestamp"] for i in good],
                   "scalars": {n: [events[i]["scalars"][n] for i in good]
@@ -249,6 +254,8 @@ class Worker:
         frames = self.work.recv_multipart(copy=False)
         try:
             msg = decode(frames)
+            if msg.kind == "batch":
+                check_batch(msg.header, self.infos)
         except ProtocolError as e:
             log.warning("bad message from the ingest: %s", e)
             return None
@@ -276,7 +283,7 @@ class Worker:
     def run(self):
         beat = threading.Thread(target=self.heartbeat, daemon=True)
         beat.start()
-        self.send_ready(self.cfg.credits)
+        self.send_ready(self.cfg.credits, join=True)
         ahead = None                    # a message received before the current batch ran
         last_way = None                 # how the last batch's frames came
         try:
@@ -294,7 +301,7 @@ class Worker:
                 if msg.kind == "begin_run":
                     try:
                         self.on_begin_run(msg)
-                    except GpusmdError as e:
+                    except (GpusmdError, ProtocolError) as e:
                         log.error("cannot process run %s: %s", msg.header.get("run"), e)
                 elif msg.kind == "batch":
                     way = "from shared memory" if msg.stacked is not None else "over the link"
@@ -307,6 +314,9 @@ class Worker:
                         ahead = self.receive()
                     self.on_batch(msg, staged)
                     self.send_ready(1)
+                elif msg.kind == "rejoin":       # every batch before it is done
+                    log.warning("the ingest had dropped this worker: joining again")
+                    self.send_ready(self.cfg.credits, join=True)
                 elif msg.kind == "end":
                     log.info("run %s ended", msg.header.get("run"))
                     if self.once:
