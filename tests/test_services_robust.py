@@ -655,3 +655,29 @@ def test_a_worker_stopped_while_it_holds_batches_then_resumed(chain):
     all_alive(chain)
     assert_rows(out, chain)
     assert error_rows(out) == []
+
+
+def test_a_begin_run_forged_ahead_of_the_real_one_does_not_keep_it_out(chain):
+    """A begin_run sent to the idle sink before the real run's: the real one is refused
+    while the forged run is open, then taken once that run has been silent for
+    end_timeout_s, with the results that came meanwhile."""
+    run = 16
+    begin, events = run_messages(chain, run)
+    ctx = zmq.Context()
+    try:
+        Peer(ctx, chain, "sink_in").send(encode({**begin_header(chain, 996), "key": "k" * 32}))
+        wait_for(lambda: "run 996 ->" in log_text(chain, "sink"), 10, "no forged run")
+        source = Peer(ctx, chain, "ingest_in")
+        source.send(begin)
+        for h, a in events:
+            source.send(encode(h, a))
+        source.send(encode({"kind": "end", "run": run, "n_events": N}))
+        out = written(chain, run)
+    finally:
+        ctx.destroy(linger=5000)
+    sink = log_text(chain, "sink")
+    assert "begin_run of run 16 while run 996 is open: refused" in sink
+    assert "run 16 begins while run 996 is open, silent for 2 s: closing it incomplete" in sink
+    all_alive(chain)
+    assert_rows(out, chain)
+    assert error_rows(out) == []
