@@ -11,6 +11,7 @@ import signal
 import textwrap
 import threading
 import time
+from types import SimpleNamespace
 
 import h5py
 import msgpack
@@ -24,6 +25,7 @@ from gpusmd.detectors import get_detector
 from gpusmd.io.raw import RawRun
 from gpusmd.replay import replay
 from gpusmd.runinfo import RunInfo
+from gpusmd.services import common
 from gpusmd.services.common import ErrorRecords, QuietLog
 from gpusmd.services.local import LocalServices
 from gpusmd.services.protocol import (ProtocolError, batch_token, check_result, decode,
@@ -225,24 +227,31 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_quiet_log_says_each_kind_once_an_interval_with_counts():
+def test_quiet_log_says_each_kind_once_an_interval_with_counts(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(common, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     logger = logging.getLogger("gpusmd.test.quiet")
     logger.propagate = False
     handler = Lines()
     logger.addHandler(handler)
-    quiet = QuietLog(logger, every_s=0.2)
+    quiet = QuietLog(logger, every_s=1.0)
     for i in range(10000):
         quiet.warning(f"event {i} skipped: bad header")
         quiet.warning(f"message skipped: {'x' * 10000}")       # long: cut
         quiet.warning(f"event {i} skipped: unknown kind 'k{i}'")
     assert len(handler.lines) == 3 and max(len(line) for line in handler.lines) <= 400
-    time.sleep(0.25)
+    clock[0] += 0.5
+    quiet.tick()
+    assert len(handler.lines) == 3
+    clock[0] += 0.6
     quiet.tick()
     assert len(handler.lines) == 6
     assert sorted(int(line.split()[0]) for line in handler.lines[3:]) == [9999] * 3
+    quiet.warning("event 1 skipped: bad header")              # a new interval
+    assert len(handler.lines) == 7
     for i in range(200):        # more kinds than are told apart: the rest are "other"
         quiet.warning(f"worker w{chr(65 + i % 26)}{chr(65 + i // 26)} joined")
-    assert len(handler.lines) <= 6 + 51
+    assert len(handler.lines) == 7 + 49 + 1
 
 
 def test_error_records_keep_a_number_of_each_kind_and_count_the_rest():
