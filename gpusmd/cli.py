@@ -13,7 +13,9 @@ SOURCE_HELP = ("raw HDF5 file, XTC2 file or directory, or psana source "
 
 
 def cmd_simulate(args):
+    from .io.output import check_new_output
     from .simulate import simulate_run
+    check_new_output(args.output, args.force)
     path = simulate_run(args.output, detector=args.detector, n_events=args.events,
                         dark=args.dark, seed=args.seed, shape=args.shape, run=args.run)
     print(f"wrote {path}")
@@ -29,7 +31,8 @@ def cmd_convert(args):
 
 def cmd_dark(args):
     from .calib.dark import process_dark
-    consts = process_dark(args.dark, args.output, gain_path=args.gain, run_max=args.run_max)
+    consts = process_dark(args.dark, args.output, gain_path=args.gain, run_max=args.run_max,
+                          force=args.force)
     for det, c in consts.items():
         bad = int((c.status != 0).any(axis=0).sum())
         print(f"{det}: {c.model.type}, {c.model.ngain} gain range(s), "
@@ -40,16 +43,19 @@ def cmd_dark(args):
 def cmd_replay(args):
     from .backend import get_backend
     from .config import load_config
+    from .io.output import check_new_output
     config = load_config(args.config)
+    output = check_new_output(args.output, args.force)
     if args.via_services:
         from .services.run import replay_via_services
+        output.unlink(missing_ok=True)      # --force: the sink never replaces a file
         summary = replay_via_services(args.raw, args.config, args.output, args.workers,
                                       args.backend or config.backend, max_events=args.max_events)
     else:
         from .replay import replay
         backend = get_backend(args.backend or config.backend)
         summary = replay(args.raw, config, args.output, backend, batch_size=args.batch_size,
-                         progress=not args.quiet, max_events=args.max_events)
+                         progress=not args.quiet, max_events=args.max_events, force=args.force)
     print(f"{summary.n_events} events in {summary.seconds:.2f} s "
           f"({summary.events_per_s:.1f} events/s, backend {summary.backend}) -> {summary.output}")
 
@@ -178,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frame shape (detector 'camera' only)")
     s.add_argument("--run", type=int, default=None)
     s.add_argument("-o", "--output", required=True)
+    s.add_argument("--force", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("convert", help="write a raw run as an LCLS-II XTC2 file (psana's writer)")
@@ -193,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "default: the detector's nominal gains")
     s.add_argument("--run-max", type=int, default=-1,
                    help="last run the constants are valid for (-1: every later run)")
+    s.add_argument("--force", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_dark)
 
     s = sub.add_parser("replay", help="reduce a run into a small-data file")
@@ -206,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--via-services", action="store_true",
                    help="through ingest, workers and sink processes on this host")
     s.add_argument("--workers", type=int, default=2, help="workers, with --via-services")
+    s.add_argument("--force", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_replay)
 
     for name, func, text in [("ingest", cmd_ingest, "the ingest node"),

@@ -1,6 +1,7 @@
 """The demo: simulate a dark and a data run, derive constants, reduce the run through the
 live services (publish -> ingest -> 2 workers -> sink, on loopback), check the result
-against the in-process replay, summarise and plot."""
+against the in-process replay, summarise and plot. Run again in the same folder, it
+replaces the files it wrote there."""
 from __future__ import annotations
 
 import textwrap
@@ -54,16 +55,18 @@ def run_demo(outdir, detector="epix10kquad", n_events=100, backend="auto", n_dar
     dark = simulate_run(outdir / "dark.h5", detector=detector, n_events=n_dark, dark=True, run=1)
     raw = simulate_run(outdir / "run.h5", detector=detector, n_events=n_events, run=2)
     print("[2/5] dark processing -> constants.h5")
-    consts = process_dark(dark, outdir / "constants.h5")[detector]
+    consts = process_dark(dark, outdir / "constants.h5", force=True)[detector]
     print(f"      {int((consts.status != 0).any(axis=0).sum())} of {model.npix} pixels flagged")
     (outdir / "run.yaml").write_text(demo_config(model, Path("constants.h5")))
     config = load_config(outdir / "run.yaml")
     backend = get_backend(backend)
     print(f"[3/5] publish -> ingest -> {n_workers} workers ({backend.name}) -> sink -> run_smd.h5")
+    (outdir / "run_smd.h5").unlink(missing_ok=True)     # the sink never replaces a file
     summary = replay_via_services(raw, outdir / "run.yaml", outdir / "run_smd.h5", n_workers,
                                   backend.name, log_dir=outdir / "logs")
     print("[4/5] the same run in one process -> run_inprocess.h5")
-    reference = replay(raw, config, outdir / "run_inprocess.h5", backend, progress=False)
+    reference = replay(raw, config, outdir / "run_inprocess.h5", backend, progress=False,
+                       force=True)
     print("[5/5] summary")
     report = summarize(summary.output, raw, detector)
     differences = diff_files(summary.output, reference.output)

@@ -1,9 +1,11 @@
 """Offline replay in one process: a run (any source of gpusmd.io.source) -> per-detector
 processing -> output file.
 
-Everything that can be refused (config, detectors missing from the run, constants,
-ROI bounds, passthrough names) is checked while the processors are built, before the
-output file is created."""
+Everything that can be refused (an existing output, config, detectors missing from the
+run, constants, ROI bounds, passthrough names) is checked while the processors are built,
+before the output file is created. The file says whether it is complete (root attribute
+``complete``, see gpusmd.io.output): an interrupted replay (an exception, Ctrl-C,
+SIGTERM, a full disk) leaves it at 0, with the events written so far."""
 from __future__ import annotations
 
 import socket
@@ -19,7 +21,7 @@ from . import __version__
 from .backend import Backend, get_backend
 from .config import Config
 from .errors import ConfigError, GpusmdError
-from .io.output import SmallDataWriter
+from .io.output import SmallDataWriter, check_new_output
 from .io.source import EventBatch, is_psana_source, open_run
 from .features import concat_columns
 from .processor import DetectorProcessor
@@ -146,9 +148,10 @@ def write_run_end(writer: SmallDataWriter, procs, attrs: dict):
 
 def replay(source, config: Config, out_path, backend: Backend | None = None,
            batch_size: int | None = None, progress: bool = True,
-           max_events: int | None = None) -> ReplaySummary:
+           max_events: int | None = None, force: bool = False) -> ReplaySummary:
     """Reduce the run ``source`` (a raw HDF5 file, an XTC2 file or directory, a psana
-    DataSource string) into ``out_path``."""
+    DataSource string) into ``out_path`` (an existing file is refused unless ``force``)."""
+    out_path = check_new_output(out_path, force)
     backend = backend or get_backend(config.backend)
     batch = batch_size or config.batch_size
     with open_run(source, list(config.detectors)) as run:
@@ -157,9 +160,8 @@ def replay(source, config: Config, out_path, backend: Backend | None = None,
         scalars = passthrough_names(config, run)
         total = run.n_events if max_events is None or run.n_events is None \
             else min(max_events, run.n_events)
-        out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        writer = SmallDataWriter(out_path, config.compression)
+        writer = SmallDataWriter(out_path, config.compression, force=force)
         t0 = time.perf_counter()
         n = 0
         try:
@@ -184,6 +186,7 @@ def replay(source, config: Config, out_path, backend: Backend | None = None,
             datasets = []
             writer.f.visititems(lambda name, obj: datasets.append(name)
                                 if hasattr(obj, "shape") else None)
+            writer.finish()
         finally:
             writer.close()
     return ReplaySummary(out_path, n, seconds, backend.name, datasets)

@@ -159,9 +159,9 @@ def test_gain_file(simulated, tmp_path):
     with h5py.File(tmp_path / "bad.h5", "w") as f:
         f[f"{det}/gain"] = gain[:, :10]
     with pytest.raises(ConstantsError, match="bad.h5"):
-        process_dark(raw, tmp_path / "c.h5", gain_path=tmp_path / "bad.h5")
+        process_dark(raw, tmp_path / "c2.h5", gain_path=tmp_path / "bad.h5")
     with pytest.raises(ConstantsError, match="nothere.h5"):
-        process_dark(raw, tmp_path / "c.h5", gain_path=tmp_path / "nothere.h5")
+        process_dark(raw, tmp_path / "c2.h5", gain_path=tmp_path / "nothere.h5")
 
 
 def test_bad_inputs(epix10k_pair, simulated, tmp_path):

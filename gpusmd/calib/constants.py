@@ -15,6 +15,7 @@ import numpy as np
 from ..detectors import DetectorModel, get_detector
 from ..errors import ConstantsError
 from ..io.h5 import open_h5
+from ..io.output import WriteError, failure_reason, h5_writes
 
 FORMAT = "gpusmd-constants"
 FIELDS = ("pedestal", "rms", "gain", "offset", "status", "mask")
@@ -75,17 +76,28 @@ class Constants:
 
     # ---- file -------------------------------------------------------------------------
     def save(self, path, det: str, mode: str = "a"):
-        with h5py.File(path, mode) as f:
+        """Write /<det> into ``path``. A full disk (or another failed write) raises one
+        WriteError naming the file, which is then left unfinished: write to a temporary
+        name and rename it when done (as ``gpusmd dark`` does) for a file that is either
+        complete or absent."""
+        arrays = {name: np.asarray(getattr(self, name), np.float32) for name in FIELDS}
+        try:
+            f = h5py.File(path, mode)
+        except OSError as e:
+            raise WriteError(path, f"cannot write it ({failure_reason(e)})") from None
+        with h5_writes(f, path):
             f.attrs["format"] = FORMAT
             f.attrs["format_version"] = 1
             if det in f:
                 del f[det]
             g = f.create_group(det)
-            for name in FIELDS:
-                g.create_dataset(name, data=np.asarray(getattr(self, name), np.float32),
-                                 compression="gzip", compression_opts=1)
+            # kept open until the flush, where a failed write is raised
+            datasets = [g.create_dataset(name, data=a, compression="gzip", compression_opts=1)
+                        for name, a in arrays.items()]
             g.attrs.update({"type": self.model.type, "run_min": self.run_min,
                             "run_max": self.run_max, "source": self.source, **self.attrs})
+            f.flush()
+            f.close()
 
     @classmethod
     def load(cls, path, det: str, model: DetectorModel | None = None) -> "Constants":

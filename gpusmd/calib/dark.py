@@ -39,6 +39,7 @@ The gains are the model's defaults (``Constants.default``) or those of ``gain_pa
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,7 @@ import numpy as np
 from ..detectors import ADC_MASK, DetectorModel
 from ..errors import ConstantsError, RawFileError
 from ..io.h5 import open_h5
+from ..io.output import WriteError, check_new_output
 from ..io.source import open_run
 from .constants import RUN_ANY, Constants
 
@@ -247,11 +249,14 @@ def _load_gain(gain_path, det: str, model: DetectorModel) -> np.ndarray:
 
 
 def process_dark(source, out_path, detectors=None, gain_path=None, run_max: int = RUN_ANY,
-                 outlier_sigma: float | None = None, nsigma: float = 6.0) -> dict[str, Constants]:
+                 outlier_sigma: float | None = None, nsigma: float = 6.0,
+                 force: bool = False) -> dict[str, Constants]:
     """Constants of every (or the named) detector of a dark run (any source of
-    gpusmd.io.source), written to ``out_path`` (replaced) with ``Constants.save``;
-    returns {det: Constants}."""
-    out_path = Path(out_path)
+    gpusmd.io.source), written to ``out_path`` with ``Constants.save``; returns
+    {det: Constants}. An existing ``out_path`` is refused (before the run is read) unless
+    ``force``. The file is written under a temporary name in the same folder and renamed
+    when whole: a constants file is complete or absent (a full disk leaves none)."""
+    out_path = check_new_output(out_path, force)
     if outlier_sigma is not None and not outlier_sigma > 0:
         raise ValueError(f"outlier_sigma must be > 0, got {outlier_sigma}")
     out = {}
@@ -271,9 +276,14 @@ def process_dark(source, out_path, detectors=None, gain_path=None, run_max: int 
                  for d in names}
         for d in names:
             out[d] = dark_constants(run, d, gains[d], run_max, outlier_sigma, nsigma)
-    if out_path.exists():
-        out_path.unlink()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    for d, c in out.items():
-        c.save(out_path, d)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    try:
+        for d, c in out.items():
+            c.save(tmp, d)
+        os.replace(tmp, out_path)
+    except WriteError as e:
+        raise WriteError(out_path, e.reason, detail=f"{e.detail}; no constants file written") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

@@ -5,19 +5,139 @@ once-per-run items (/UserDataCfg, /Sums) are written at the end; provenance goes
 the root attributes. ``/errors/{event_id, stage, reason}`` records every event that
 could not be reduced (malformed input, a frame of the wrong shape, ...).
 
-With ``start_swmr`` the file is readable while it grows (h5py ``swmr=True``): the
-per-event and error datasets exist from the first batch on and only grow; the run
-items come at the end, after ``end_swmr`` reopens the file normally."""
+Every file says whether it is complete: root attribute ``complete`` is 0 from the
+moment the file is created and becomes 1 (with ``n_events`` and ``n_errors``) only when
+the run is over and written (:meth:`SmallDataWriter.finish`); :func:`is_complete` reads
+it. An existing file is never replaced unless asked (``force``).
+
+From the first batch on the file is written in SWMR mode (readable while it grows with
+h5py ``swmr=True``): the per-event and error datasets exist then and only grow; the run
+items come at the end, after ``end_swmr`` reopens the file normally.
+
+A full disk is one error (:class:`WriteError`): before each write the free space is
+checked, so that the file is closed cleanly, with the events written so far, before the
+disk is full; a write that fails anyway (the disk filled by someone else) stops the
+file at once, with nothing more written to it."""
 from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import h5py
+
+from ..errors import GpusmdError
 
 CHUNK_BYTES = 1 << 20       # aim for ~1 MiB chunks
 MAX_CHUNK_EVENTS = 4096
 REASON_LEN = 200            # error reasons are stored as fixed-length strings (SWMR-safe)
 ERROR_COLUMNS = {"errors/event_id": np.dtype(np.int64), "errors/stage": np.dtype("S16"),
                  "errors/reason": np.dtype(f"S{REASON_LEN}")}
+DISK_RESERVE = 1 << 20      # free space kept for the metadata a clean close writes
+H5_ERRORS = (OSError, RuntimeError)     # what h5py raises for a failed HDF5 call
+
+
+class WriteError(GpusmdError):
+    """An output that could not be written (full disk, I/O error): one line naming the
+    file, the reason and, for a small-data file, how many events it holds."""
+
+    def __init__(self, path, reason: str, n_events: int | None = None, detail: str = ""):
+        self.path, self.reason, self.n_events, self.detail = Path(path), reason, n_events, detail
+        after = "" if n_events is None else f" after {n_events} events"
+        super().__init__(f"{path}: {reason}{after}{detail}")
+
+
+def check_new_output(path, force: bool = False) -> Path:
+    """An output path that may be written: an existing file is refused unless ``force``."""
+    path = Path(path)
+    if path.is_dir():
+        raise GpusmdError(f"{path}: is a directory, not an output file")
+    if path.exists() and not force:
+        raise GpusmdError(f"{path} exists (give --force to replace it)")
+    return path
+
+
+def check_room(path, nbytes: int, n_events: int | None = None):
+    """Refuse to write about ``nbytes`` to ``path`` where its disk has less free than that
+    and DISK_RESERVE: the file is still whole then, and can be closed."""
+    free = shutil.disk_usage(Path(path).parent).free
+    if free < nbytes + DISK_RESERVE:
+        raise WriteError(path, "no space left on device", n_events,
+                         f" ({free / 2**20:.1f} MiB free, {(nbytes + DISK_RESERVE) / 2**20:.1f}"
+                         f" MiB needed to go on)")
+
+
+def failure_reason(error: BaseException) -> str:
+    """The cause of a failed HDF5 write in a few words (the system's, where it gave one)."""
+    errno = getattr(error, "errno", None)
+    text = str(error)
+    found = re.search(r"error message = '([^']+)'", text)
+    if found:
+        return found.group(1).lower()
+    if errno:
+        return os.strerror(errno).lower()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def abandon(f: h5py.File):
+    """Close ``f`` writing nothing more to its file, after a failed write: whatever HDF5
+    still has to write goes to an in-memory file put in its place, so that the close
+    succeeds (a failed close leaves HDF5 objects that crash the interpreter at exit)."""
+    if not f.id.valid:
+        return
+    with _h5_errors_caught([]):
+        fd = f.id.get_vfd_handle()
+        void = (os.memfd_create("gpusmd-abandoned") if hasattr(os, "memfd_create")
+                else os.open(os.devnull, os.O_WRONLY))
+        os.dup2(void, fd)
+        os.close(void)
+        f.close()
+
+
+@contextmanager
+def _h5_errors_caught(errors: list):
+    """Collect HDF5 failures into ``errors``: raised ones, and those h5py only reports as
+    "Exception ignored" (a write that fails when h5py frees an object)."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: (errors.append(u.exc_value)
+                                    if isinstance(u.exc_value, H5_ERRORS) else previous(u))
+    try:
+        yield
+    except H5_ERRORS as e:
+        errors.append(e)
+    finally:
+        sys.unraisablehook = previous
+
+
+@contextmanager
+def h5_writes(f: h5py.File, path, n_events: int | None = None):
+    """Writes to the open file ``f``: a failure abandons the file (nothing more is written
+    to it) and raises one WriteError."""
+    errors: list = []
+    with _h5_errors_caught(errors):
+        yield
+    if errors:
+        abandon(f)
+        raise WriteError(path, failure_reason(errors[0]), n_events)
+
+
+def is_complete(path) -> bool:
+    """Whether the small-data file ``path`` was finished (root attribute complete = 1);
+    False for one that was interrupted, killed or stopped by a full disk, and for one
+    that does not open. A file left by a writer that died opens only with SWMR reading
+    (or after ``h5clear -s``), which this tries too."""
+    for swmr in (False, True):
+        try:
+            with h5py.File(path, "r", swmr=swmr) as f:
+                return int(f.attrs.get("complete", 0)) == 1
+        except OSError:
+            continue
+    return False
 
 
 def compression_args(name: str) -> dict:
@@ -29,9 +149,16 @@ def compression_args(name: str) -> dict:
     return {}
 
 
+def row_bytes(row_shape, dtype) -> int:
+    return max(1, int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
+
+
 def chunk_events(row_shape, dtype) -> int:
-    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
-    return int(max(1, min(MAX_CHUNK_EVENTS, CHUNK_BYTES // row_bytes)))
+    return int(max(1, min(MAX_CHUNK_EVENTS, CHUNK_BYTES // row_bytes(row_shape, dtype))))
+
+
+def chunk_bytes(row_shape, dtype) -> int:
+    return chunk_events(row_shape, dtype) * row_bytes(row_shape, dtype)
 
 
 def h5_value(value):
@@ -42,14 +169,59 @@ def h5_value(value):
 
 
 class SmallDataWriter:
-    def __init__(self, path, compression: str = "gzip"):
-        self.path = path
-        self.f = h5py.File(path, "w", libver="latest")
+    """One small-data file. ``force``: replace an existing file (else refused).
+    ``flush_s``: flush at least this often while events are appended (None: only when
+    told, as the sink does, which acknowledges what a flush has put on disk)."""
+
+    def __init__(self, path, compression: str = "gzip", force: bool = False,
+                 flush_s: float | None = 1.0):
+        self.path = check_new_output(path, force)
         self.compression = compression_args(compression)
+        self.flush_s = flush_s
         self.n_events = 0
         self.n_errors = 0
-        for name, dtype in ERROR_COLUMNS.items():
-            self.f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+        self.n_flushed = 0          # events on disk for sure: those of the last flush
+        self.last_flush = time.monotonic()
+        self.unflushed = 0          # bytes appended since (held in HDF5's caches until) then
+        self.datasets: dict[str, h5py.Dataset] = {}     # kept open: see _grow
+        self.failed: WriteError | None = None
+        check_room(self.path, 0)
+        try:
+            self.f = h5py.File(self.path, "w" if force else "w-", libver="latest")
+        except OSError as e:
+            raise WriteError(self.path, f"cannot create it ({failure_reason(e)})") from None
+        with self.writing():
+            self.f.attrs.update({"complete": 0, "n_events": 0, "n_errors": 0})
+            for name, dtype in ERROR_COLUMNS.items():
+                self.datasets[name] = self.f.create_dataset(
+                    name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+            self.f.flush()
+
+    @contextmanager
+    def writing(self):
+        """The context of every write: a failure stops the file (see h5_writes), which is
+        not touched again."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            with h5_writes(self.f, self.path, self.n_flushed):
+                yield
+        except WriteError as e:
+            self.failed = e
+            raise
+
+    @contextmanager
+    def whole(self):
+        """Rows go in whole or not at all: interrupted half way (Ctrl-C, SIGTERM), every
+        dataset goes back to its length before them."""
+        lengths = {path: ds.shape[0] for path, ds in self.datasets.items()}
+        try:
+            yield
+        except BaseException as e:
+            if not isinstance(e, H5_ERRORS):
+                for path, ds in self.datasets.items():
+                    ds.resize(lengths.get(path, 0), axis=0)
+            raise
 
     def add_errors(self, records):
         """Record events that could not be reduced: (event_id, stage, reason) each."""
@@ -57,67 +229,113 @@ class SmallDataWriter:
             return
         n = len(records)
         columns = zip(*records)
-        for (name, dtype), values in zip(ERROR_COLUMNS.items(), columns):
-            ds = self.f[name]
-            ds.resize(self.n_errors + n, axis=0)
-            if dtype.kind == "S":
-                values = [str(v).encode()[:dtype.itemsize] for v in values]
-            ds[self.n_errors:] = np.array(values, dtype=dtype)
+        with self.writing(), self.whole():
+            for (name, dtype), values in zip(ERROR_COLUMNS.items(), columns):
+                ds = self.datasets[name]
+                ds.resize(self.n_errors + n, axis=0)
+                if dtype.kind == "S":
+                    values = [str(v).encode()[:dtype.itemsize] for v in values]
+                ds[self.n_errors:] = np.array(values, dtype=dtype)
         self.n_errors += n
-
-    def start_swmr(self):
-        """From now on readers may open the file with swmr=True; no new datasets."""
-        self.f.swmr_mode = True
 
     def end_swmr(self):
         """Close and reopen normally, so that the run items can be added."""
-        self.f.close()
-        self.f = h5py.File(self.path, "r+")
+        self.close()
+        with self.writing():
+            self.f = h5py.File(self.path, "r+")
 
     def append(self, columns: dict):
         """Append one batch: every per-event dataset gets the same number of rows; a
         variable-length column (anything with ``lengths`` and ``fields``, see
-        features.Ragged) goes to <path>/<field> (records) and <path>_len (per event)."""
+        features.Ragged) goes to <path>/<field> (records) and <path>_len (per event).
+        The first batch switches the file to SWMR mode and is flushed at once."""
         lengths = {len(v) for v in columns.values()}
         if len(lengths) != 1:
             raise ValueError(f"per-event columns of different lengths: {lengths}")
         n = lengths.pop()
+        rows = {}
         for path, value in columns.items():
             if hasattr(value, "fields"):
-                self._grow(f"{path}_len", np.asarray(value.lengths, np.int64))
+                rows[f"{path}_len"] = np.asarray(value.lengths, np.int64)
                 for field, records in value.fields.items():
-                    self._grow(f"{path}/{field}", np.asarray(records))
+                    rows[f"{path}/{field}"] = np.asarray(records)
             else:
-                self._grow(path, np.asarray(value))
+                rows[path] = np.asarray(value)
+        nbytes = sum(v.nbytes for v in rows.values())
+        # what the next flush writes: these rows, those still in the caches, and a rewrite
+        # of each dataset's partly filled chunk
+        check_room(self.path, self.unflushed + nbytes + sum(
+            chunk_bytes(v.shape[1:], v.dtype) for v in rows.values()), self.n_events)
+        first = not self.f.swmr_mode
+        with self.writing(), self.whole():
+            for path, value in rows.items():
+                self._grow(path, value)
+            if first:
+                self.f.swmr_mode = True
         self.n_events += n
+        self.unflushed += nbytes
+        if first or (self.flush_s is not None
+                     and time.monotonic() - self.last_flush > self.flush_s):
+            self.flush()
 
     def _grow(self, path: str, value: np.ndarray):
-        """Append rows to a dataset made on first sight, resizable along its first axis."""
-        if path not in self.f:
-            self.f.create_dataset(path, shape=(0, *value.shape[1:]),
-                                  maxshape=(None, *value.shape[1:]), dtype=value.dtype,
-                                  chunks=(chunk_events(value.shape[1:], value.dtype),
-                                          *value.shape[1:]), **self.compression)
-        ds = self.f[path]
+        """Append rows to a dataset made on first sight, resizable along its first axis.
+        The dataset stays open: its chunks are then written when the file is flushed,
+        where a failure is raised (h5py only prints one raised while it closes one)."""
+        if path not in self.datasets:
+            self.datasets[path] = self.f.create_dataset(
+                path, shape=(0, *value.shape[1:]), maxshape=(None, *value.shape[1:]),
+                dtype=value.dtype, chunks=(chunk_events(value.shape[1:], value.dtype),
+                                           *value.shape[1:]), **self.compression)
+        ds = self.datasets[path]
         start = ds.shape[0]
         ds.resize(start + len(value), axis=0)
         ds[start:] = value
 
     def write(self, path: str, value):
-        if path in self.f:
-            del self.f[path]
         value = h5_value(value)
-        if isinstance(value, str) or value.ndim == 0:
-            self.f[path] = value
-        else:
-            self.f.create_dataset(path, data=value, **self.compression)
+        check_room(self.path, self.unflushed + (len(value) if isinstance(value, str)
+                                                else value.nbytes), self.n_events)
+        with self.writing():
+            if path in self.f:
+                del self.f[path]
+            if isinstance(value, str) or value.ndim == 0:
+                self.f[path] = value
+            else:
+                self.f.create_dataset(path, data=value, **self.compression)
 
     def set_attrs(self, attrs: dict, path: str = "/"):
-        for key, value in attrs.items():
-            self.f[path].attrs[key] = h5_value(value)
+        with self.writing():
+            for key, value in attrs.items():
+                self.f[path].attrs[key] = h5_value(value)
 
     def flush(self):
-        self.f.flush()
+        """Put what was written on disk, then say so: root attributes ``n_events`` and
+        ``n_errors`` count the rows a flush has put there, so that a file whose writer
+        stopped (killed, full disk) tells which of its rows are whole. Raises WriteError
+        where it could not."""
+        with self.writing():
+            self.f.flush()
+            self.f.attrs.modify("n_events", self.n_events)
+            self.f.attrs.modify("n_errors", self.n_errors)
+            self.f.flush()
+        self.n_flushed = self.n_events
+        self.last_flush = time.monotonic()
+        self.unflushed = 0
+
+    def finish(self):
+        """Mark the file complete (``complete`` = 1) and close it: the last step of a run,
+        after its events and its run items."""
+        self.flush()
+        self.set_attrs({"complete": 1})
+        self.close()
 
     def close(self):
-        self.f.close()
+        """Close the file as it is (``complete`` stays 0 unless finish came first). It is
+        flushed first, with the datasets open: a write that fails then is raised and the
+        file abandoned (a close that fails half way cannot be undone)."""
+        if self.failed is None and self.f.id.valid:
+            self.flush()
+            with self.writing():
+                self.datasets.clear()
+                self.f.close()

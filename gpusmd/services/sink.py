@@ -1,10 +1,16 @@
 """The sink: gathers the workers' results, writes each event once, in event order, into
-the output file of DESIGN §9, readable while it grows (SWMR, flushed every ``flush_s``).
+the output file of DESIGN §9, readable while it grows (SWMR).
 
-Results are acknowledged to the ingest node as they arrive; a duplicate (a batch re-sent
-after its worker was thought dead) is acknowledged again and dropped. The file is closed
+A batch is acknowledged to the ingest node only once its rows are on disk: the file is
+flushed every ``flush_s``, when half of ``max_in_flight_batches`` wait for their
+acknowledgement, or when no message is waiting, and the acknowledgements of the batches
+written since go out after the flush. A duplicate (a batch re-sent after its worker was
+thought dead) is acknowledged again (after the next flush) and dropped. The file is closed
 when the ingest's end-of-run message has come and every batch it counted is written; the
-events that could not be reduced are in /errors with their reason.
+events that could not be reduced are in /errors with their reason. The file says whether
+it is complete (gpusmd.io.output); one that exists is never replaced: a run published
+again goes to ``<name>_1.h5`` (``_2``, ...). A file that cannot be written (a full disk)
+stops the sink with one error line, its file closed as it was, nothing more acknowledged.
 
 Nothing a peer sends stops the sink, and only the run's own messages are written: a
 result must carry its batch's token and the ingest's errors and end the run's key (see
@@ -25,7 +31,7 @@ from ..backend import get_backend
 from ..config import Config
 from ..errors import GpusmdError
 from ..features import unflatten_columns
-from ..io.output import SmallDataWriter
+from ..io.output import SmallDataWriter, WriteError
 from ..replay import build_processors, provenance, write_run_end, write_user_data_cfg
 from ..runinfo import RunInfo
 from .common import QuietLog, open_socket
@@ -45,21 +51,28 @@ class RunWriter:
         self.path = path
         # the sink's own processors (CPU) give UserDataCfg and merge the workers' sums
         self.procs = build_processors(config, info, get_backend("cpu"))
-        self.writer = SmallDataWriter(path, config.compression)
-        write_user_data_cfg(self.writer, self.procs)
+        self.writer = SmallDataWriter(path, config.compression, flush_s=None)  # the sink flushes
+        try:
+            write_user_data_cfg(self.writer, self.procs)
+        except BaseException:
+            self.writer.close()
+            raise
         self.results: dict[int, object] = {}
         self.next_batch = 0
         self.end: dict | None = None
         self.n_written = 0
         self.n_errors = 0
-        self.swmr = False
+        self.to_ack: list[int] = []     # batches written (or re-sent) since the last flush
         self.backends: set[str] = set()
         self.bar = tqdm(total=info.n_events, unit="ev", disable=not progress, desc=path.name)
 
     def add_result(self, msg) -> bool:
         """Keep a batch's result until its turn; False for a duplicate."""
         b = msg.header["batch"]
-        if b < self.next_batch or b in self.results:
+        if b < self.next_batch:         # written: acknowledged again after the next flush
+            self.to_ack.append(b)
+            return False
+        if b in self.results:           # waiting: acknowledged once written
             return False
         self.results[b] = msg
         while self.next_batch in self.results:
@@ -78,14 +91,12 @@ class RunWriter:
             columns.update(unflatten_columns({k: v for k, v in msg.arrays.items()
                                               if not k.startswith("sums/")}))
             self.writer.append(columns)
-            if not self.swmr:
-                self.writer.start_swmr()
-                self.swmr = True
         for det, proc in self.procs.items():
             parts = {name: msg.arrays.get(f"sums/{det}/{name}") for name in proc.sums.keys}
             if parts and all(p is not None for p in parts.values()):
                 proc.sums.merge(parts, h.get("n_sum_events", n))
         self.add_errors(h.get("errors") or [])
+        self.to_ack.append(h["batch"])
         self.n_written += n
         self.backends.add(h.get("backend", "?"))
         self.bar.update(n + len(h.get("errors") or []))
@@ -99,16 +110,21 @@ class RunWriter:
     def complete(self) -> bool:
         return self.end is not None and self.next_batch >= self.end["n_batches"]
 
-    def finish(self, config: Config):
+    def finish(self, config: Config, complete: bool = True):
+        """The run items, then the file closed: marked complete unless ``complete`` is
+        False (a run closed before its end)."""
         self.bar.close()
         self.writer.end_swmr()
         attrs = provenance(config, "+".join(sorted(self.backends)) or "none", self.info.source,
                            self.info.experiment, self.info.run)
         write_run_end(self.writer, self.procs, {**attrs, "n_errors": self.n_errors,
                                                 "via": "services"})
-        self.writer.close()
-        log.info("run %d written to %s: %d events, %d errors", self.info.run, self.path,
-                 self.n_written, self.n_errors)
+        if complete:
+            self.writer.finish()
+        else:
+            self.writer.close()
+        log.info("run %d written to %s: %d events, %d errors%s", self.info.run, self.path,
+                 self.n_written, self.n_errors, "" if complete else " (incomplete)")
 
 
 class Sink:
@@ -129,6 +145,8 @@ class Sink:
         self.early: list = []                   # results and errors before their begin_run
         self.written: list[Path] = []
         self.closed_runs: set[int] = set()      # late duplicates of these are dropped
+        # flush (and acknowledge) at the latest when this many batches wait for it
+        self.ack_window = max(1, self.cfg.max_in_flight_batches // 2)
         self.quiet = QuietLog(log, self.cfg.log_every_s)
         self.key: str | None = None             # the open run's secret, from its ingest
         self.layout: dict | None = None         # its per-event arrays (result_layout)
@@ -136,7 +154,17 @@ class Sink:
         self.waiting = None                     # a begin_run refused while a run was open
 
     def output_path(self, info: RunInfo) -> Path:
-        return Path(self.output.format(run=info.run, experiment=info.experiment or "run"))
+        """The run's file, from the output template; where that file exists (a run
+        published again, a sink started again), the first free <name>_1.h5, _2, ...: a
+        file is never replaced."""
+        path = Path(self.output.format(run=info.run, experiment=info.experiment or "run"))
+        free, n = path, 0
+        while free.exists():
+            n += 1
+            free = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        if n:
+            log.warning("run %d: %s exists (never replaced): writing %s", info.run, path, free)
+        return free
 
     def on_message(self, frames) -> bool:
         """Handle one message; True when a run's file was closed."""
@@ -163,9 +191,7 @@ class Sink:
         if kind == "result":
             if self.delay_s:
                 time.sleep(self.delay_s)
-            fresh = self.current.add_result(msg)
-            b = msg.header["batch"]
-            self.ack(b, batch_token(self.key, run, b, ack=True))
+            fresh = self.current.add_result(msg)      # acknowledged after the next flush
             self.metrics.inc("events" if fresh else "duplicates",
                              len(msg.header["events"]) if fresh else 1)
         elif kind == "errors":
@@ -254,10 +280,13 @@ class Sink:
             if self.current is not None:
                 log.error("run %d begins while run %d is open, silent for %.0f s: closing it "
                           "incomplete", info.run, self.current.info.run, silent)
-                self.current.finish(self.config)
+                self.current.finish(self.config, complete=False)
             path = self.output_path(info)
             path.parent.mkdir(parents=True, exist_ok=True)
             self.current = RunWriter(self.config, info, path, self.progress)
+            self.closed_runs.discard(info.run)      # published again: its results are taken
+        except WriteError:                          # a full disk: the sink stops
+            raise
         except GpusmdError as e:
             log.error("cannot write run %s: %s", msg.header.get("run"), e)
             return False
@@ -286,17 +315,30 @@ class Sink:
         except zmq.Again:       # the ingest will re-send; the duplicate is dropped here
             self.quiet.warning(f"ack of batch {batch} not sent (ingest not reachable)")
 
+    def flush(self):
+        """Put the open run's rows on disk, then acknowledge the batches they hold: the
+        ingest lets go only of batches that a killed sink leaves in the file."""
+        self.current.writer.flush()
+        run = self.current.info.run
+        for b in self.current.to_ack:
+            self.ack(b, batch_token(self.key, run, b, ack=True))
+        self.current.to_ack.clear()
+
     def run(self):
         last_flush = time.monotonic()
         try:
             while True:
-                if self.input.poll(100):
+                idle = not self.input.poll(100)
+                if not idle:
                     if self.on_message(self.input.recv_multipart(copy=False)) and self.once:
                         return
                 if self.begin_waiting() and self.once:
                     return
-                if self.current is not None and time.monotonic() - last_flush > self.cfg.flush_s:
-                    self.current.writer.flush()
+                c = self.current
+                if c is not None and (time.monotonic() - last_flush > self.cfg.flush_s
+                                      or len(c.to_ack) >= self.ack_window
+                                      or (idle and c.to_ack)):
+                    self.flush()
                     last_flush = time.monotonic()
                 self.metrics.set("waiting_batches", len(self.current.results) if self.current else 0)
                 self.metrics.tick()

@@ -1,0 +1,236 @@
+"""Outputs: every file says whether it is complete, a finished file is never replaced,
+a full disk is one line and leaves a file that opens (or no constants file), an
+interrupted replay leaves the events written so far."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from gpusmd.backend import get_backend
+from gpusmd.calib.dark import process_dark
+from gpusmd.config import load_config
+from gpusmd.errors import GpusmdError
+from gpusmd.io.output import WriteError, is_complete
+from gpusmd.replay import replay
+from gpusmd.simulate import simulate_run
+
+N_EVENTS = 96
+# a slow user function (to interrupt a replay) and one that fails at its third batch
+USER_MODULE = """\
+import time
+calls = [0]
+
+def slow(frames, delay=0.0):
+    time.sleep(delay)
+    return {"n": next(iter(frames.values())).sum(axis=(1, 2))}
+
+def third_fails(frames):
+    calls[0] += 1
+    if calls[0] == 3:
+        raise RuntimeError("boom")
+    return {"n": next(iter(frames.values())).sum(axis=(1, 2))}
+"""
+
+
+def config_text(function="slow", params="delay: 0.0"):
+    return textwrap.dedent(f"""\
+        batch_size: 8
+        detectors:
+          camera:
+            functions:
+              - {{kind: roi, bounds: [[0, 128], [0, 128]], writeArea: true}}
+            sums: [calib]
+        user_functions:
+          - {{name: user, function: "outputs_user:{function}", params: {{{params}}}}}
+        """)
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory):
+    """A camera run (128 x 128, its ROI area written), its configs, and the
+    module of the user functions, importable in this process and in the commands."""
+    d = tmp_path_factory.mktemp("outputs")
+    simulate_run(d / "run.h5", "camera", n_events=N_EVENTS, shape=(128, 128), run=3)
+    (d / "outputs_user.py").write_text(USER_MODULE)
+    (d / "run.yaml").write_text(config_text())
+    (d / "slow.yaml").write_text(config_text(params="delay: 0.2"))
+    (d / "fails.yaml").write_text(config_text("third_fails", ""))
+    sys.path.insert(0, str(d))
+    yield d
+    sys.path.remove(str(d))
+
+
+def gpusmd(d, *args, timeout=60):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(d), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "gpusmd.cli", *map(str, args)], cwd=d, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(r, *words):
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpusmd: error: "), r.stderr
+    for w in words:
+        assert str(w) in lines[0], lines[0]
+    return lines[0]
+
+
+def reference(d):
+    """The complete replay of the run."""
+    out = d / "reference.h5"
+    if not out.exists():
+        replay(d / "run.h5", load_config(d / "run.yaml"), out, get_backend("cpu"), progress=False)
+    return out
+
+
+def assert_prefix_of_reference(d, path, swmr=False):
+    """The file opens, and the events it says it holds (n_events) are the first ones of
+    the complete replay; the number of them."""
+    with h5py.File(path, "r", swmr=swmr) as f, h5py.File(reference(d), "r") as ref:
+        n = int(f.attrs["n_events"])
+        assert len(f["event_id"]) >= n
+        for key in ("event_id", "camera/ROI_0_sum", "camera/ROI_0_area"):
+            np.testing.assert_array_equal(f[key][:n], ref[key][:n])
+        return n
+
+
+# ---- 1. complete or not ------------------------------------------------------------------
+def test_a_finished_replay_says_complete(d):
+    with h5py.File(reference(d), "r") as f:
+        assert f.attrs["complete"] == 1
+        assert f.attrs["n_events"] == N_EVENTS and f.attrs["n_errors"] == 0
+    assert is_complete(reference(d))
+    assert not is_complete(d / "run.h5")          # a raw file has no mark: not a finished output
+    assert not is_complete(d / "nothere.h5")
+
+
+def test_an_exception_mid_run_leaves_an_incomplete_readable_file(d):
+    out = d / "failed.h5"
+    with pytest.raises(RuntimeError, match="boom"):
+        replay(d / "run.h5", load_config(d / "fails.yaml"), out, get_backend("cpu"), progress=False)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["complete"] == 0
+        # the two batches before the failing one, on disk and counted
+        assert len(f["event_id"]) == f.attrs["n_events"] == 16
+    assert not is_complete(out)
+
+
+# ---- 2. never replaced -----------------------------------------------------------------
+def test_replay_refuses_an_existing_output_unless_forced(d):
+    out = d / "twice.h5"
+    config = load_config(d / "run.yaml")
+    replay(d / "run.h5", config, out, get_backend("cpu"), progress=False, max_events=8)
+    before = out.read_bytes()
+    with pytest.raises(GpusmdError, match="twice.h5 exists"):
+        replay(d / "run.h5", config, out, get_backend("cpu"), progress=False)
+    assert out.read_bytes() == before
+    for extra in ([], ["--via-services"]):
+        one_error_line(gpusmd(d, "replay", "run.h5", "--config", "run.yaml", "-o", out, *extra),
+                       out, "exists", "--force")
+    assert out.read_bytes() == before
+    replay(d / "run.h5", config, out, get_backend("cpu"), progress=False, force=True)
+    with h5py.File(out, "r") as f:
+        assert len(f["event_id"]) == N_EVENTS and f.attrs["complete"] == 1
+
+
+def test_dark_and_simulate_refuse_an_existing_output(d, tmp_path):
+    dark = simulate_run(tmp_path / "dark.h5", "epix100", n_events=3, dark=True)
+    process_dark(dark, tmp_path / "c.h5")
+    assert os.listdir(tmp_path) == ["dark.h5", "c.h5"] or sorted(os.listdir(tmp_path)) == [
+        "c.h5", "dark.h5"]                        # no temporary file left
+    before = (tmp_path / "c.h5").read_bytes()
+    # refused before the run is read: a missing source is not even looked at
+    one_error_line(gpusmd(tmp_path, "dark", "missing.h5", "-o", "c.h5"), "c.h5 exists", "--force")
+    one_error_line(gpusmd(tmp_path, "simulate", "--detector", "epix100", "-o", "c.h5"),
+                   "c.h5 exists", "--force")
+    assert (tmp_path / "c.h5").read_bytes() == before
+    r = gpusmd(tmp_path, "dark", "dark.h5", "-o", "c.h5", "--force")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert "epix100/pedestal" in f
+
+
+# ---- 4. a full disk ---------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only)."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_replay_and_dark_on_a_full_disk(d, small_disk):
+    out = small_disk / "out.h5"
+    line = one_error_line(gpusmd(d, "replay", "run.h5", "--config", "run.yaml", "-o", out, "-q"),
+                          out, "no space left on device after")
+    n = assert_prefix_of_reference(d, out)
+    assert 0 < n < N_EVENTS and f"after {n} events" in line
+    assert not is_complete(out)
+    out.unlink()
+    dark = simulate_run(d / "dark_jungfrau.h5", "jungfrau05M", n_events=2, dark=True)
+    one_error_line(gpusmd(d, "dark", dark, "-o", small_disk / "c.h5"),
+                   small_disk / "c.h5", "no space left on device", "no constants file")
+    assert os.listdir(small_disk) == []
+
+
+def test_a_write_that_fails_anyway_stops_the_file(d, small_disk):
+    """With the free space not checked first (as when another writer fills the disk), a
+    flush fails in HDF5 mid-run: still one line and exit 2 (no crash), and the file opens
+    as a live file (SWMR), with the events flushed before."""
+    (small_disk / "other").write_bytes(os.urandom(2_800_000))    # another writer's file
+    out = small_disk / "out.h5"
+    script = ("import sys, gpusmd.io.output as o; o.check_room = lambda *a, **k: None; "
+              "from gpusmd.cli import main; "
+              f"sys.exit(main(['replay', 'run.h5', '--config', 'slow.yaml', '-o', {str(out)!r}, "
+              "'-q']))")
+    env = {**os.environ, "PYTHONPATH": str(d)}
+    r = subprocess.run([sys.executable, "-c", script], cwd=d, env=env, capture_output=True,
+                       text=True, timeout=60)
+    line = one_error_line(r, out, "no space left on device after")
+    n = assert_prefix_of_reference(d, out, swmr=True)
+    assert 0 < n < N_EVENTS and f"after {n} events" in line
+    with h5py.File(out, "r", swmr=True) as f:
+        assert f.attrs["complete"] == 0
+    assert not is_complete(out)
+
+
+# ---- 5. interrupted ---------------------------------------------------------------------
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_replay_leaves_the_events_so_far(d, sig):
+    out = d / f"interrupted_{sig.name}.h5"
+    env = {**os.environ, "PYTHONPATH": str(d)}
+    p = subprocess.Popen([sys.executable, "-m", "gpusmd.cli", "replay", "run.h5", "--config",
+                          "slow.yaml", "-o", str(out), "-q"], cwd=d, env=env,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        n = 0
+        while n < 16:
+            assert time.monotonic() < deadline and p.poll() is None, "no events written"
+            time.sleep(0.1)
+            try:
+                with h5py.File(out, "r", swmr=True) as f:
+                    n = len(f["event_id"]) if "event_id" in f else 0
+            except (OSError, KeyError):
+                n = 0
+        p.send_signal(sig)
+        assert p.wait(20) == 130
+        assert "interrupted" in p.stderr.read()
+    finally:
+        p.kill()
+    n = assert_prefix_of_reference(d, out)          # closed: opens without swmr
+    assert 16 <= n < N_EVENTS
+    assert not is_complete(out)
