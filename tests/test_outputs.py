@@ -6,7 +6,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import urllib.request
 
 import h5py
 import numpy as np
@@ -16,8 +18,10 @@ from gpusmd.backend import get_backend
 from gpusmd.calib.dark import process_dark
 from gpusmd.config import load_config
 from gpusmd.errors import GpusmdError
-from gpusmd.io.output import WriteError, is_complete
+from gpusmd.io.output import is_complete
 from gpusmd.replay import replay
+from gpusmd.services.local import LocalServices, free_port
+from gpusmd.services.publish import publish
 from gpusmd.simulate import simulate_run
 
 N_EVENTS = 96
@@ -208,7 +212,7 @@ def test_a_write_that_fails_anyway_stops_the_file(d, small_disk):
 
 
 # ---- 5. interrupted ---------------------------------------------------------------------
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_replay_leaves_the_events_so_far(d, sig):
     out = d / f"interrupted_{sig.name}.h5"
     env = {**os.environ, "PYTHONPATH": str(d)}
@@ -233,4 +237,136 @@ def test_an_interrupted_replay_leaves_the_events_so_far(d, sig):
         p.kill()
     n = assert_prefix_of_reference(d, out)          # closed: opens without swmr
     assert 16 <= n < N_EVENTS
+    assert not is_complete(out)
+
+
+# ---- the sink ---------------------------------------------------------------------------
+SERVICES_CONFIG = """\
+    batch_size: 4
+    detectors:
+      camera:
+        functions:
+          - {kind: roi, bounds: [[0, 128], [0, 128]], writeArea: true}
+        sums: [calib]
+    services:
+      heartbeat_s: 0.2
+      worker_timeout_s: 2.0
+      flush_s: 1.0
+      log_every_s: 1.0
+    """
+FRAME_BYTES = 128 * 128 * 2
+
+
+def chain_of(d, name, output, **kw):
+    """The services (ingest, one worker, sink, serving until stopped) with the config of
+    SERVICES_CONFIG, their logs in d/logs_<name>, and the config with their addresses."""
+    (d / "svc.yaml").write_text(textwrap.dedent(SERVICES_CONFIG))
+    chain = LocalServices(d / "svc.yaml", output, 1, "cpu", once=False,
+                          log_dir=d / f"logs_{name}", **kw).start()
+    cfg = load_config(d / "svc.yaml")
+    cfg.services.__dict__.update(chain.addresses)
+    return chain, cfg
+
+
+def wait_for(condition, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+READER = """\
+import sys, time, h5py
+while True:
+    try:
+        f = h5py.File(sys.argv[1], "r", swmr=True)
+        break
+    except OSError:             # not there yet, or not yet in SWMR mode
+        time.sleep(0.02)
+print("open", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_sink_marks_its_file_and_never_replaces_one(d):
+    """A run published twice: the first file stays as it was, the second take goes to
+    <name>_1.h5; both complete, with the same events; nothing hangs. A reader holding the
+    growing file open does not keep the sink from finishing it."""
+    first, second = d / "sink_Run0003.h5", d / "sink_Run0003_1.h5"
+    chain, cfg = chain_of(d, "twice", d / "sink_Run{run:04d}.h5", sink_args=["--delay-ms", "20"])
+    try:
+        threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+        # another process watching the growing file, open until the run is over
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(first)],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout.readline().strip() == "open"
+            wait_for(lambda: is_complete(first), "the first take was not written")
+        finally:
+            reader.kill()
+            reader.wait()
+        before = first.read_bytes()
+        publish(d / "run.h5", cfg)
+        wait_for(lambda: is_complete(second), "the second take was not written")
+    finally:
+        chain.stop()
+    assert first.read_bytes() == before
+    for path in (first, second):
+        with h5py.File(path, "r") as f:
+            assert f.attrs["complete"] == 1 and f.attrs["n_events"] == N_EVENTS
+        assert assert_prefix_of_reference(d, path) == N_EVENTS
+    assert "sink_Run0003.h5 exists (never replaced)" in (d / "logs_twice" / "sink.log").read_text()
+
+
+def metrics(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_a_killed_sink_had_acknowledged_only_what_is_in_its_file(d):
+    """SIGKILL of a slow sink mid-run, just after the ingest has let go of (had
+    acknowledged) some events: every event acknowledged is in the file, among the rows it
+    says it holds (n_events); the file is incomplete."""
+    out = d / "killed_sink.h5"
+    port = free_port()
+    chain, cfg = chain_of(d, "killed", out, sink_args=["--delay-ms", "100"],
+                          ingest_args=["--metrics-port", str(port)])
+
+    def acknowledged():
+        try:
+            m = metrics(port)
+        except OSError:
+            return 0
+        return (m.get("gpusmd_ingest_events_total", 0)
+                - m.get("gpusmd_ingest_held_bytes", 0) / FRAME_BYTES)
+    try:
+        threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+        wait_for(lambda: acknowledged() >= 24, "nothing acknowledged")
+        chain.sink.send_signal(signal.SIGKILL)
+        chain.sink.wait(5)
+        time.sleep(0.5)                 # acknowledgements still on their way are counted
+        n_acknowledged = acknowledged()
+    finally:
+        chain.stop()
+    n = assert_prefix_of_reference(d, out, swmr=True)
+    assert 24 <= n_acknowledged <= n < N_EVENTS, (n_acknowledged, n)
+    assert not is_complete(out)
+
+
+def test_the_sink_on_a_full_disk_stops_in_one_line(d, small_disk):
+    out = small_disk / "sink.h5"
+    chain, cfg = chain_of(d, "full", out)
+    try:
+        threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+        wait_for(lambda: chain.sink.poll() is not None, "the sink went on")
+    finally:
+        chain.stop()
+    assert chain.sink.returncode == 2
+    errors = [line for line in (d / "logs_full" / "sink.log").read_text().splitlines()
+              if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(f"gpusmd: error: {out}: no space left "
+                                                     f"on device after"), errors
+    n = assert_prefix_of_reference(d, out)
+    assert 0 < n < N_EVENTS and f"after {n} events" in errors[0]
     assert not is_complete(out)

@@ -239,10 +239,12 @@ class SmallDataWriter:
         self.n_errors += n
 
     def end_swmr(self):
-        """Close and reopen normally, so that the run items can be added."""
+        """Close and reopen normally, so that the run items can be added. Readers may
+        have the file open (SWMR readers of the growing file, or one that opened it just
+        now): they do not keep the writer out (no file lock taken)."""
         self.close()
         with self.writing():
-            self.f = h5py.File(self.path, "r+")
+            self.f = h5py.File(self.path, "r+", locking=False)
 
     def append(self, columns: dict):
         """Append one batch: every per-event dataset gets the same number of rows; a
