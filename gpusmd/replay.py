@@ -2,8 +2,8 @@
 processing -> output file.
 
 Everything that can be refused (an existing output, config, detectors missing from the
-run, constants, ROI bounds, passthrough names) is checked while the processors are built,
-before the output file is created. The file says whether it is complete (root attribute
+run, constants, ROI bounds, passthrough names) is checked before the output file is
+created, most of it while the processors are built. The file says whether it is complete (root attribute
 ``complete``, see gpusmd.io.output): an interrupted replay (an exception, Ctrl-C,
 SIGTERM, a full disk) leaves it at 0, with the events written so far."""
 from __future__ import annotations

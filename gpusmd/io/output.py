@@ -1,14 +1,16 @@
 """The small-data output file (DESIGN §9).
 
 Per-event datasets grow along the first axis, chunked along events and compressed;
-once-per-run items (/UserDataCfg, /Sums) are written at the end; provenance goes in
-the root attributes. ``/errors/{event_id, stage, reason}`` records every event that
-could not be reduced (malformed input, a frame of the wrong shape, ...).
+once-per-run items are written before the first event (/UserDataCfg) or at the end
+(/Sums); provenance goes in the root attributes. ``/errors/{event_id, stage, reason}``
+records every event that could not be reduced (malformed input, a frame of the wrong
+shape, ...).
 
 Every file says whether it is complete: root attribute ``complete`` is 0 from the
-moment the file is created and becomes 1 (with ``n_events`` and ``n_errors``) only when
-the run is over and written (:meth:`SmallDataWriter.finish`); :func:`is_complete` reads
-it. An existing file is never replaced unless asked (``force``).
+moment the file is created and becomes 1 only when the run is over and written
+(:meth:`SmallDataWriter.finish`); ``n_events`` and ``n_errors`` count the rows that a
+flush has put on disk (all of them in a complete file). :func:`is_complete` reads it.
+An existing file is never replaced unless asked (``force``).
 
 From the first batch on the file is written in SWMR mode (readable while it grows with
 h5py ``swmr=True``): the per-event and error datasets exist then and only grow; the run
