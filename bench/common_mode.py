@@ -49,7 +49,7 @@ def main():
         if not (d / "run.h5").exists():
             simulate_run(d / "dark.h5", det, n_events=5, dark=True, run=1)
             simulate_run(d / "run.h5", det, n_events=args.events, run=2)
-        consts = process_dark(d / "dark.h5", d / "constants.h5")[det]
+        consts = process_dark(d / "dark.h5", d / "constants.h5", force=True)[det]
         with RawRun(d / "run.h5") as run:
             model = run.detectors[det]
             raw = run.read(det, 0, args.events)

@@ -91,7 +91,7 @@ def bench_droplets(n_events: int, workdir: Path):
     workdir.mkdir(parents=True, exist_ok=True)
     simulate_run(workdir / "dark.h5", "epix100", n_events=10, dark=True, run=1)
     simulate_run(workdir / "run.h5", "epix100", n_events=n_events, run=2, bragg_spots=0.0)
-    process_dark(workdir / "dark.h5", workdir / "constants.h5")
+    process_dark(workdir / "dark.h5", workdir / "constants.h5", force=True)
     (workdir / "run.yaml").write_text(textwrap.dedent("""\
         detectors:
           epix100:

@@ -82,6 +82,7 @@ def time_services(config_path: Path, raw: Path, n_workers: int, out: Path, n_eve
     event sent to the closed file."""
     port = free_port()
     addresses = ipc_addresses(tempfile.mkdtemp(prefix="gpusmd-ipc-")) if transport == "ipc" else None
+    out.unlink(missing_ok=True)        # the sink never replaces a file: a new one each run
     with LocalServices(config_path, out, n_workers, "cpu", affinity=affinity,
                        addresses=addresses, ingest_args=["--metrics-port", str(port)]) as chain:
         workers_joined(port, n_workers)
@@ -127,7 +128,7 @@ def main():
         def in_process(n):
             cpu0, t0 = time.process_time(), time.perf_counter()
             replay(raw, config, workdir / "inproc.h5", get_backend("cpu"), progress=False,
-                   max_events=n)
+                   max_events=n, force=True)
             return time.perf_counter() - t0, time.process_time() - cpu0
 
         def services(path, workers, transport="tcp", affinity=None):

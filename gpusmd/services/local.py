@@ -85,7 +85,7 @@ class LocalServices:
         out = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "wb")
+            out = open(self.log_dir / f"{name}.log", "w+b")   # read back when it fails
         elif self.quiet:
             out = tempfile.TemporaryFile()
         cpus = self.affinity.get(args[0])
