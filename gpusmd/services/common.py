@@ -11,6 +11,7 @@ from pathlib import Path
 import zmq
 
 from ..config import ServicesConfig
+from ..errors import GpusmdError
 from .protocol import REASON_CHARS
 from .security import CurveKeys, generate_keys, secure_client, secure_server
 
@@ -49,10 +50,16 @@ def open_socket(ctx: zmq.Context, kind: int, address: str, bind: bool,
     keys = curve_keys(cfg, server=bind)
     if keys is not None:
         (secure_server if bind else secure_client)(s, keys)
-    if bind:
-        s.bind(address)
-    else:
-        s.connect(address)
+    try:
+        if bind:
+            s.bind(address)
+        else:
+            s.connect(address)
+    except zmq.ZMQError as e:
+        s.close(linger=0)
+        hint = "; is another service running there?" if e.errno == zmq.EADDRINUSE else ""
+        raise GpusmdError(f"{address}: cannot {'bind' if bind else 'connect'} ({e.strerror})"
+                          f"{hint}") from None
     return s
 
 
