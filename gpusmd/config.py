@@ -111,6 +111,13 @@ class ServicesConfig:
     shared_memory: bool = True      # batches to the workers of the ingest's host through /dev/shm
     end_timeout_s: float = 30.0     # after an end, how long missing events are awaited
     max_error_rows: int = 1000      # /errors rows of a kind of problem per run; one counts the rest
+    ack_timeout_s: float | None = None  # no ack for this long: unacknowledged batches are sent
+    #                                   again (default 2 x flush_s + worker_timeout_s)
+    ingest_timeout_s: float = 10.0  # the sink closes a run incomplete when its ingest is silent this long
+
+    @property
+    def ack_timeout(self) -> float:
+        return self.ack_timeout_s or 2 * self.flush_s + self.worker_timeout_s
 
 
 def parse_services(d, where: Where, base_dir: Path) -> ServicesConfig:
@@ -133,7 +140,8 @@ def parse_services(d, where: Where, base_dir: Path) -> ServicesConfig:
         elif isinstance(default, bool):
             check_type(value, (bool,), where / key, "true or false")
         else:
-            check_type(value, (int, float) if isinstance(default, float) else (int,),
+            check_type(value, (int, float) if isinstance(default, float) or default is None
+                       else (int,),
                        where / key, "a number")
             if value <= 0:
                 raise (where / key).error("must be positive")

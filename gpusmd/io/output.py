@@ -128,18 +128,24 @@ def h5_writes(f: h5py.File, path, n_events: int | None = None):
         raise WriteError(path, failure_reason(errors[0]), n_events)
 
 
+def open_written(path) -> h5py.File:
+    """A small-data file opened for reading, also one left by a writer that died (it
+    opens only with SWMR reading, or after ``h5clear -s``); raises OSError."""
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        return h5py.File(path, "r", swmr=True)
+
+
 def is_complete(path) -> bool:
     """Whether the small-data file ``path`` was finished (root attribute complete = 1);
     False for one that was interrupted, killed or stopped by a full disk, and for one
-    that does not open. A file left by a writer that died opens only with SWMR reading
-    (or after ``h5clear -s``), which this tries too."""
-    for swmr in (False, True):
-        try:
-            with h5py.File(path, "r", swmr=swmr) as f:
-                return int(f.attrs.get("complete", 0)) == 1
-        except OSError:
-            continue
-    return False
+    that does not open."""
+    try:
+        with open_written(path) as f:
+            return int(f.attrs.get("complete", 0)) == 1
+    except OSError:
+        return False
 
 
 def compression_args(name: str) -> dict:
@@ -198,6 +204,62 @@ class SmallDataWriter:
                 self.datasets[name] = self.f.create_dataset(
                     name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
             self.f.flush()
+
+    @classmethod
+    def reopen(cls, path, n_events: int, n_errors: int, compression: str = "gzip",
+               flush_s: float | None = 1.0) -> "SmallDataWriter":
+        """An incomplete file written on: its first ``n_events`` rows and ``n_errors``
+        error rows (those a flush had put on disk, as its writer recorded), and its other
+        items as they are, are copied into a new file that then takes its name; what a
+        killed writer left beyond them is dropped. (HDF5 opens a file whose writer died
+        for reading only; the copy is also whole whatever the kill interrupted.)"""
+        path = Path(path)
+        temp = path.with_name(f".{path.name}.reopened")
+        self = cls(temp, compression, force=True, flush_s=flush_s)
+        try:
+            with open_written(path) as src, self.writing():
+                self._copy(src, n_events, n_errors)
+                self.f.flush()
+            os.replace(temp, path)
+        except BaseException:
+            if self.f.id.valid:
+                self.f.close()
+            temp.unlink(missing_ok=True)
+            raise
+        self.path = path
+        return self
+
+    def _copy(self, src: h5py.File, n_events: int, n_errors: int):
+        """What ``reopen`` keeps of ``src``: the growing datasets cut to their rows (those of
+        a variable-length column to its first n_events events' records)."""
+        items = []
+        src.visititems(lambda name, obj: items.append((name, obj)))
+        self.f.attrs.update(src.attrs)
+        for name, obj in items:
+            if isinstance(obj, h5py.Group):
+                self.f.require_group(name).attrs.update(obj.attrs)
+                continue
+            if not (obj.maxshape and obj.maxshape[0] is None):      # a run item
+                self.f.copy(obj, name)
+                continue
+            parent, _, field = name.rpartition("/")
+            if name in ERROR_COLUMNS:
+                n = n_errors
+            elif parent and f"{parent}_len" in src:            # a column's records
+                n = int(src[f"{parent}_len"][:n_events].sum())
+            else:
+                n = n_events
+            if obj.shape[0] < n:
+                raise WriteError(self.path, f"{name} holds {obj.shape[0]} rows, not the {n} "
+                                            f"its writer recorded")
+            if name in ERROR_COLUMNS:
+                self.datasets[name].resize(n, axis=0)
+                self.datasets[name][:] = obj[:n]
+            else:
+                self._grow(name, obj[:n])
+        self.n_events = self.n_flushed = n_events
+        self.n_errors = n_errors
+        self.f.attrs.update({"complete": 0, "n_events": n_events, "n_errors": n_errors})
 
     @contextmanager
     def writing(self):

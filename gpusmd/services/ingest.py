@@ -18,6 +18,11 @@ come from its own socket; an ack must carry the token that only the sink can mak
 once the sink has its result. Each socket is read at most BURST
 messages a turn, so heartbeats and credits are served while another socket floods.
 
+A sink that starts says hello; the ingest then sends it the open run's begin_run (with
+the key) again and every batch not acknowledged to the workers again, as it also does
+when nothing was acknowledged for ``ack_timeout_s``. A heartbeat to the sink every
+``heartbeat_s`` tells it that the run's ingest is alive.
+
 End of run: the source's end says how many events it sent; the run ends once that many
 messages have come from the source since begin_run (good or not), or
 ``end_timeout_s`` after the last one, the missing ones recorded."""
@@ -53,6 +58,7 @@ class Batch:
     frames: list | None = None     # the events' frames as received ...
     descriptors: list | None = None
     slot: Slot | None = None       # ... or in a shared-memory slot
+    sent_at: float = 0.0           # when it last went to a worker
 
     def message(self, shared: bool) -> list:
         """The message to a worker: the frames, or (``shared``) where the slot is."""
@@ -97,6 +103,7 @@ class Ingest:
         self.slots = SlotPool() if self.host else None
         self.slot: Slot | None = None              # the slot of the batch being filled
         self.quiet = QuietLog(log, s.log_every_s)
+        self.last_hello = self.last_beat = 0.0
         self.reset_run()
 
     # ---- run state ----------------------------------------------------------------
@@ -104,6 +111,8 @@ class Ingest:
         self.info = None
         self.key: str | None = None                # the run's secret, shared with the sink
         self.run_frames: list | None = None        # begin_run message, for late workers
+        self.sink_frames: list | None = None       # ... and with the key, for the sink
+        self.last_ack = 0.0
         self.current: list = []         # (entry, message, bytes): the batch being filled
         self.current_since = 0.0
         self.pending: deque[Batch] = deque()       # batches waiting for a worker
@@ -169,7 +178,8 @@ class Ingest:
         self.key = secrets.token_hex(16)
         header, arrays = info.to_message()         # the checked fields only
         self.run_frames = encode(header, arrays)
-        self.sink.send_multipart(encode({**header, "key": self.key}, arrays))
+        self.sink_frames = encode({**header, "key": self.key}, arrays)
+        self.sink.send_multipart(self.sink_frames)
         log.info("run %d begins: %s", info.run,
                  ", ".join(f"{n} ({m.type})" for n, m in info.detectors.items()))
 
@@ -351,6 +361,7 @@ class Ingest:
             self.pending.popleft()
             w.credit -= 1
             w.batches.add(batch.id)
+            batch.sent_at = time.monotonic()
             self.in_flight[batch.id] = (batch, w.name)
 
     def check_workers(self):
@@ -370,6 +381,8 @@ class Ingest:
             msg = decode(frames)
         except ProtocolError as e:
             return self.refuse(f"bad ack: {e}")
+        if msg.kind == "hello":
+            return self.on_hello()
         b = msg.header.get("batch")
         if msg.kind != "ack" or not is_int(b):
             return self.refuse(f"bad ack (a {msg.kind!r} message of batch {short(b)}): refused")
@@ -380,6 +393,7 @@ class Ingest:
         if not same_secret(msg.header.get("token"),
                            batch_token(self.key, self.info.run, b, ack=True)):
             return self.refuse(f"ack of batch {b} without the sink's token: refused")
+        self.last_ack = time.monotonic()
         if sent:
             self.in_flight.pop(b)
             w = self.workers.get(sent[1])
@@ -388,6 +402,57 @@ class Ingest:
         else:                   # its worker was dropped and the batch waits to be re-sent
             self.pending.remove(batch)
         self.let_go(batch)
+
+    def on_hello(self):
+        """A sink has started (again): the open run goes to it again. Taken at most once
+        every heartbeat_s (anyone may say hello; it costs batches processed again)."""
+        now = time.monotonic()
+        if self.info is None or now - self.last_hello < self.cfg.heartbeat_s:
+            return
+        self.last_hello = now
+        self.send_again("a sink started")
+
+    def check_acks(self):
+        """No acknowledgement for ack_timeout_s while batches are out for longer: the sink
+        may have missed them (it was restarted, its hello lost): the run goes to it again."""
+        timeout = self.cfg.ack_timeout
+        now = time.monotonic()
+        if (self.in_flight and now - self.last_ack > timeout
+                and now - min(b.sent_at for b, _ in self.in_flight.values()) > timeout):
+            self.send_again(f"no acknowledgement for {timeout:g} s")
+
+    def send_again(self, why: str):
+        """The run's begin_run (with its key) to the sink again, which takes up the run's
+        file, and every batch out and not acknowledged to the workers again (the sink
+        keeps one result of a batch)."""
+        try:
+            self.sink.send_multipart(self.sink_frames, flags=zmq.NOBLOCK)
+        except zmq.Again:           # the sink is not there: tried again at the next timeout
+            pass
+        lost = sorted(self.in_flight)
+        self.quiet.warning(f"{why}: run {self.info.run} sent to the sink again, and the batches "
+                           f"not acknowledged {lost} to the workers",
+                           kind="send again")
+        self.metrics.inc("resent_batches", len(lost))
+        for b in reversed(lost):
+            batch, name = self.in_flight.pop(b)
+            w = self.workers.get(name)
+            if w is not None:
+                w.batches.discard(b)
+            self.pending.appendleft(batch)
+
+    def heartbeat(self):
+        """The open run's heartbeat to the sink (it closes a run whose ingest is gone)."""
+        now = time.monotonic()
+        if now - self.last_beat < self.cfg.heartbeat_s:
+            return
+        self.last_beat = now
+        try:
+            self.sink.send_multipart(encode({"kind": "heartbeat", "run": self.info.run,
+                                             "key": self.key, "n_batches": self.next_batch,
+                                             "n_events": self.n_events}), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def let_go(self, batch: Batch):
         """A batch the sink has: its slot takes the next batch."""
@@ -436,6 +501,8 @@ class Ingest:
                 if self.info is not None:
                     self.check_end()
                     self.send_errors()
+                    self.heartbeat()
+                    self.check_acks()
                 self.check_workers()
                 self.dispatch()
                 self.metrics.set("pending", len(self.pending))

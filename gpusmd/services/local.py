@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import ADDRESS_KEYS
 from ..errors import GpusmdError
+from .shm import remove_stale
 
 # A service runs the command line of the gpusmd package this process imported, whatever
 # folder it starts in (with `python -m gpusmd.cli`, a gpusmd/ folder in the working
@@ -152,6 +153,7 @@ class LocalServices:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        remove_stale()          # the slot files of a killed ingest
         for _, out in self.logs.values():
             if out is not None:
                 out.close()

@@ -26,7 +26,11 @@ Kinds (what a service sends -> to whom):
                scalars {name: [values]}, errors [[event, reason]]; arrays: per-event
                columns "<det>/<field>" and per-batch sums "sums/<det>/<key>"
     errors     ingest -> sink         run, key, errors [[event, stage, reason]]
+    heartbeat  ingest -> sink         run, key, n_batches (made so far), n_events: the
+               ingest of the open run is alive (every heartbeat_s)
     ack        sink -> ingest         batch, token (the ack's, see batch_token)
+    hello      sink -> ingest         a sink has started: the ingest sends it the open
+               run's begin_run (with its key) and the batches not yet acknowledged again
 
 Never pickle: a message from the network is data. Array dtypes are restricted to plain
 numbers, and every frame's size is checked against its declared dtype and shape (in
@@ -51,7 +55,7 @@ from ..runinfo import RunInfo
 
 VERSION = 1
 KINDS = ("begin_run", "event", "end", "batch", "ready", "heartbeat", "rejoin", "result",
-         "errors", "ack")
+         "errors", "ack", "hello")
 DTYPE_KINDS = "biuf"        # bool, signed, unsigned, float: no objects, no strings
 MAX_NDIM = 8
 MAX_ELEMENTS = 1 << 40      # of one array, its zero-length axes left out
@@ -190,6 +194,12 @@ def batch_token(key: str, run: int, batch: int, ack: bool = False) -> str:
     what = "ack" if ack else "batch"
     return hmac.new(key.encode(), f"{what}/{run}/{batch}".encode(),
                     hashlib.sha256).hexdigest()[:32]
+
+
+def file_token(key: str, run: int) -> str:
+    """What a run's file holds of the run's key (a MAC, not the key): a sink started
+    again knows the file of the run it is sent again by the same ingest."""
+    return hmac.new(key.encode(), f"file/{run}".encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def same_secret(a, b) -> bool:

@@ -12,6 +12,13 @@ it is complete (gpusmd.io.output); one that exists is never replaced: a run publ
 again goes to ``<name>_1.h5`` (``_2``, ...). A file that cannot be written (a full disk)
 stops the sink with one error line, its file closed as it was, nothing more acknowledged.
 
+A sink killed and started again says hello to the ingest, which sends it the open run's
+begin_run and every batch not acknowledged again; the sink takes up the run's file from
+the checkpoint of its last flush (RunWriter), so the run ends as if never interrupted.
+A run whose ingest is silent (no heartbeat) for ``ingest_timeout_s`` is closed
+incomplete, with the ranges of batches that never came (RunWriter.abandon); a new ingest
+of the same run writes to a new file (its key is not the one of the file).
+
 Nothing a peer sends stops the sink, and only the run's own messages are written: a
 result must carry its batch's token and the ingest's errors and end the run's key (see
 protocol.batch_token), a begin_run while a run is open is refused, and a result that
@@ -23,6 +30,7 @@ import logging
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import zmq
 from tqdm import tqdm
@@ -31,32 +39,35 @@ from ..backend import get_backend
 from ..config import Config
 from ..errors import GpusmdError
 from ..features import unflatten_columns
-from ..io.output import SmallDataWriter, WriteError
+from ..io.output import SmallDataWriter, WriteError, open_written
 from ..replay import build_processors, provenance, write_run_end, write_user_data_cfg
 from ..runinfo import RunInfo
 from .common import QuietLog, open_socket
 from .metrics import Metrics
 from .protocol import (Message, ProtocolError, batch_token, check_records, check_result, decode,
-                       encode, is_int, result_layout, run_info, same_secret, short)
+                       encode, file_token, is_int, result_layout, run_info, same_secret,
+                       short)
 
 log = logging.getLogger("gpusmd.sink")
 DEFAULT_OUTPUT = "{experiment}_Run{run:04d}.h5"
+CHECKPOINT = "sink_checkpoint"      # group of an open file: where the run is (RunWriter)
 
 
 class RunWriter:
-    """One run's output file and its bookkeeping."""
+    """One run's output file and its bookkeeping. With each flush the file also holds a
+    checkpoint (group CHECKPOINT): the batches its rows hold (all before ``next_batch``),
+    its row counts and the run sums' accumulators as of those batches, under the run's
+    file token (protocol.file_token). A sink started again and sent the same run by the
+    same ingest takes the file up from there (``state``, see read_checkpoint): its sums
+    go on from the same numbers, so the file ends as an uninterrupted run's. The
+    checkpoint is removed when the file is closed."""
 
-    def __init__(self, config: Config, info: RunInfo, path: Path, progress: bool):
+    def __init__(self, config: Config, info: RunInfo, path: Path, progress: bool, token: str,
+                 state: dict | None = None):
         self.info = info
         self.path = path
         # the sink's own processors (CPU) give UserDataCfg and merge the workers' sums
         self.procs = build_processors(config, info, get_backend("cpu"))
-        self.writer = SmallDataWriter(path, config.compression, flush_s=None)  # the sink flushes
-        try:
-            write_user_data_cfg(self.writer, self.procs)
-        except BaseException:
-            self.writer.close()
-            raise
         self.results: dict[int, object] = {}
         self.next_batch = 0
         self.end: dict | None = None
@@ -64,7 +75,54 @@ class RunWriter:
         self.n_errors = 0
         self.to_ack: list[int] = []     # batches written (or re-sent) since the last flush
         self.backends: set[str] = set()
-        self.bar = tqdm(total=info.n_events, unit="ev", disable=not progress, desc=path.name)
+        self.announced: dict | None = None      # the ingest's last heartbeat
+        self.sums_changed = False
+        if state is None:
+            self.writer = SmallDataWriter(path, config.compression, flush_s=None)  # the sink flushes
+            try:
+                write_user_data_cfg(self.writer, self.procs)
+                self.make_checkpoint(token)
+            except BaseException:
+                self.writer.close()
+                raise
+        else:
+            self.writer = SmallDataWriter.reopen(path, state["n_rows"], state["n_errors"],
+                                                 config.compression, flush_s=None)
+            self.next_batch = state["next_batch"]
+            self.n_written, self.n_errors = state["n_rows"], state["n_errors"]
+            for det, proc in self.procs.items():
+                for key, acc in proc.sums.acc.items():
+                    acc[...] = state["sums"][det][key]
+                proc.sums.n_events = state["sums"][det]["n_events"]
+        self.bar = tqdm(total=info.n_events, unit="ev", disable=not progress, desc=path.name,
+                        initial=self.n_written)
+
+    def make_checkpoint(self, token: str):
+        """The checkpoint's datasets, made before the file goes SWMR (then only written)."""
+        w = self.writer
+        with w.writing():
+            g = w.f.create_group(CHECKPOINT)
+            g.attrs.update({"token": token, "run": self.info.run,
+                            "experiment": self.info.experiment or ""})
+            g.create_dataset("progress", data=np.zeros(3, np.int64))
+            for det, proc in self.procs.items():
+                for key, acc in proc.sums.acc.items():
+                    g.create_dataset(f"{det}/{key}", data=acc)
+                g.create_dataset(f"{det}/n_events", data=np.zeros(1, np.int64))
+
+    def checkpoint(self):
+        """Where the run is, into the checkpoint (on disk with the next flush); the sums
+        only when batches were merged since."""
+        w = self.writer
+        with w.writing():
+            g = w.f[CHECKPOINT]
+            for det, proc in self.procs.items():
+                if self.sums_changed:
+                    for key, acc in proc.sums.acc.items():
+                        g[f"{det}/{key}"][...] = acc
+                g[f"{det}/n_events"][0] = proc.sums.n_events
+            g["progress"][...] = [self.next_batch, w.n_events, w.n_errors]
+        self.sums_changed = False
 
     def add_result(self, msg) -> bool:
         """Keep a batch's result until its turn; False for a duplicate."""
@@ -95,6 +153,7 @@ class RunWriter:
             parts = {name: msg.arrays.get(f"sums/{det}/{name}") for name in proc.sums.keys}
             if parts and all(p is not None for p in parts.values()):
                 proc.sums.merge(parts, h.get("n_sum_events", n))
+                self.sums_changed = True
         self.add_errors(h.get("errors") or [])
         self.to_ack.append(h["batch"])
         self.n_written += n
@@ -110,21 +169,66 @@ class RunWriter:
     def complete(self) -> bool:
         return self.end is not None and self.next_batch >= self.end["n_batches"]
 
-    def finish(self, config: Config, complete: bool = True):
-        """The run items, then the file closed: marked complete unless ``complete`` is
-        False (a run closed before its end)."""
+    def abandon(self, config: Config, reason: str):
+        """Close the file of a run whose ingest is gone, incomplete: what came is written
+        (in batch order, past the batches that never came), each range of missing batches
+        is an /errors row of stage "missing", and ``incomplete_reason`` says why."""
+        made = self.announced["n_batches"] if self.announced else 0
+        made = max([made, self.next_batch, *(b + 1 for b in self.results)])
+        missing = []
+        for b in sorted(self.results):
+            if b > self.next_batch:
+                missing.append((self.next_batch, b - 1))
+            self.write(self.results.pop(b))
+            self.next_batch = b + 1
+        if self.next_batch < made:
+            missing.append((self.next_batch, made - 1))
+        self.add_errors([(-1, "missing", f"batches {a}-{b} never came ({reason})")
+                         for a, b in missing])
+        log.error("run %d closed incomplete: %s; batches missing: %s", self.info.run, reason,
+                  ", ".join(f"{a}-{b}" for a, b in missing) or "none")
+        self.finish(config, reason=reason)
+
+    def finish(self, config: Config, reason: str | None = None):
+        """The run items, then the file closed: marked complete unless a ``reason`` says
+        why it is not (a run closed before its end: attribute incomplete_reason)."""
         self.bar.close()
         self.writer.end_swmr()
+        with self.writer.writing():
+            del self.writer.f[CHECKPOINT]
         attrs = provenance(config, "+".join(sorted(self.backends)) or "none", self.info.source,
                            self.info.experiment, self.info.run)
+        if reason is not None:
+            attrs["incomplete_reason"] = reason
         write_run_end(self.writer, self.procs, {**attrs, "n_errors": self.n_errors,
                                                 "via": "services"})
-        if complete:
+        if reason is None:
             self.writer.finish()
         else:
             self.writer.close()
         log.info("run %d written to %s: %d events, %d errors%s", self.info.run, self.path,
-                 self.n_written, self.n_errors, "" if complete else " (incomplete)")
+                 self.n_written, self.n_errors, "" if reason is None else " (incomplete)")
+
+
+def read_checkpoint(path: Path, info: RunInfo, token: str) -> dict | None:
+    """The checkpoint of an incomplete file of this run written for this run's ingest
+    (its file token), to take up (see RunWriter); None for any other file."""
+    try:
+        with open_written(path) as f:
+            g = f.get(CHECKPOINT)
+            if (int(f.attrs.get("complete", 0)) == 1 or not isinstance(g, h5py.Group)
+                    or not same_secret(g.attrs.get("token"), token)
+                    or g.attrs.get("run") != info.run
+                    or g.attrs.get("experiment") != (info.experiment or "")):
+                return None
+            next_batch, n_rows, n_errors = (int(v) for v in g["progress"][()])
+            sums = {det: {key: ds[()] for key, ds in g[det].items() if key != "n_events"}
+                    | {"n_events": int(g[det]["n_events"][0])}
+                    for det in g if det != "progress"}
+    except (OSError, KeyError, ValueError) as e:
+        log.warning("%s: its checkpoint cannot be read (%s): not taken up", path, e)
+        return None
+    return {"next_batch": next_batch, "n_rows": n_rows, "n_errors": n_errors, "sums": sums}
 
 
 class Sink:
@@ -140,6 +244,8 @@ class Sink:
         self.ctx = ctx or zmq.Context.instance()
         self.input = open_socket(self.ctx, zmq.PULL, self.cfg.sink_in, True, self.cfg)
         self.acks = open_socket(self.ctx, zmq.PUSH, self.cfg.ingest_ack, False, self.cfg)
+        # the ingest sends an open run's begin_run and unacknowledged batches again
+        self.acks.send_multipart(encode({"kind": "hello"}))
         self.metrics = Metrics("sink", self.cfg.log_every_s, metrics_port)
         self.current: RunWriter | None = None
         self.early: list = []                   # results and errors before their begin_run
@@ -153,18 +259,22 @@ class Sink:
         self.last_heard = 0.0                   # when the open run's last message came
         self.waiting = None                     # a begin_run refused while a run was open
 
-    def output_path(self, info: RunInfo) -> Path:
-        """The run's file, from the output template; where that file exists (a run
-        published again, a sink started again), the first free <name>_1.h5, _2, ...: a
-        file is never replaced."""
+    def output_path(self, info: RunInfo, token: str) -> tuple[Path, dict | None]:
+        """The run's file, from the output template, and its checkpoint when it is this
+        run's file left incomplete (a sink started again: it is taken up). Where that
+        file exists otherwise (a run published again, or by another ingest), the first
+        free <name>_1.h5, _2, ...: a file is never replaced."""
         path = Path(self.output.format(run=info.run, experiment=info.experiment or "run"))
         free, n = path, 0
         while free.exists():
+            state = read_checkpoint(free, info, token)
+            if state is not None:
+                return free, state
             n += 1
             free = path.with_name(f"{path.stem}_{n}{path.suffix}")
         if n:
             log.warning("run %d: %s exists (never replaced): writing %s", info.run, path, free)
-        return free
+        return free, None
 
     def on_message(self, frames) -> bool:
         """Handle one message; True when a run's file was closed."""
@@ -175,14 +285,15 @@ class Sink:
         kind, run = msg.kind, msg.header.get("run")
         if kind == "begin_run":
             return self.begin_run(msg)
-        if kind not in ("result", "errors", "end") or not is_int(run):
+        if kind not in ("result", "errors", "end", "heartbeat") or not is_int(run):
             return self.refuse(f"a {kind!r} message of run {short(run)}: refused")
         if run in self.closed_runs:
             self.quiet.info(f"dropped a late {kind} of run {run}, whose file is closed")
             self.metrics.inc("duplicates")
             return False
         if self.current is None or run != self.current.info.run:
-            self.keep_early(msg)
+            if kind != "heartbeat":
+                self.keep_early(msg)
             return False
         msg = self.checked(msg)
         if msg is None:
@@ -199,6 +310,8 @@ class Sink:
             self.metrics.inc("errors", len(msg.header["errors"]))
         elif kind == "end":
             self.current.end = msg.header
+        elif kind == "heartbeat":
+            self.current.announced = msg.header
         if self.current.complete:
             self.current.finish(self.config)
             self.written.append(self.current.path)
@@ -233,7 +346,8 @@ class Sink:
             problem = None if same_secret(h.get("key"), self.key) else "not the run's key"
             if problem is None and msg.kind == "errors":
                 problem = check_records(h.get("errors"))
-            if problem is None and msg.kind == "end" and not is_int(h.get("n_batches")):
+            if (problem is None and msg.kind in ("end", "heartbeat")
+                    and not is_int(h.get("n_batches"))):
                 problem = f"n_batches {short(h.get('n_batches'))}"
             if problem:
                 self.refuse(f"{msg.kind} message of run {run} refused: {problem}")
@@ -271,6 +385,9 @@ class Sink:
                 raise ProtocolError("begin_run without the ingest's key")
         except ProtocolError as e:
             return self.refuse(f"{e}: refused")
+        if (self.current is not None and info.run == self.current.info.run
+                and same_secret(msg.header["key"], self.key)):
+            return False            # sent again (after a hello, or acks that stopped): open
         silent = time.monotonic() - self.last_heard
         if self.current is not None and silent < self.cfg.end_timeout_s:
             self.waiting = msg
@@ -280,10 +397,15 @@ class Sink:
             if self.current is not None:
                 log.error("run %d begins while run %d is open, silent for %.0f s: closing it "
                           "incomplete", info.run, self.current.info.run, silent)
-                self.current.finish(self.config, complete=False)
-            path = self.output_path(info)
+                self.close_abandoned(f"run {info.run} began while it was open, silent for "
+                                     f"{silent:.0f} s")
+            token = file_token(msg.header["key"], info.run)
+            path, state = self.output_path(info, token)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.current = RunWriter(self.config, info, path, self.progress)
+            self.current = RunWriter(self.config, info, path, self.progress, token, state)
+            if state is not None:
+                log.warning("run %d: taking up %s after batch %d (%d events)", info.run, path,
+                            state["next_batch"], state["n_rows"])
             self.closed_runs.discard(info.run)      # published again: its results are taken
         except WriteError:                          # a full disk: the sink stops
             raise
@@ -295,6 +417,22 @@ class Sink:
         self.waiting = None
         early, self.early = self.early, []
         return any(self.on_message(m.frames) for m in early)
+
+    def close_abandoned(self, reason: str):
+        """Close the open run incomplete (see RunWriter.abandon)."""
+        self.current.abandon(self.config, reason)
+        self.written.append(self.current.path)
+        self.closed_runs.add(self.current.info.run)
+        self.current = None
+
+    def check_ingest(self) -> bool:
+        """The open run closed incomplete when nothing of it (not even the ingest's
+        heartbeat) came for ingest_timeout_s: its ingest is gone; True when closed."""
+        silent = time.monotonic() - self.last_heard
+        if self.current is None or silent < self.cfg.ingest_timeout_s:
+            return False
+        self.close_abandoned(f"the ingest went silent for {silent:.0f} s")
+        return True
 
     def begin_waiting(self) -> bool:
         """A begin_run refused while a run was open, taken when that run is over or silent
@@ -318,6 +456,8 @@ class Sink:
     def flush(self):
         """Put the open run's rows on disk, then acknowledge the batches they hold: the
         ingest lets go only of batches that a killed sink leaves in the file."""
+        if self.current.to_ack:
+            self.current.checkpoint()
         self.current.writer.flush()
         run = self.current.info.run
         for b in self.current.to_ack:
@@ -332,7 +472,7 @@ class Sink:
                 if not idle:
                     if self.on_message(self.input.recv_multipart(copy=False)) and self.once:
                         return
-                if self.begin_waiting() and self.once:
+                if (self.check_ingest() or self.begin_waiting()) and self.once:
                     return
                 c = self.current
                 if c is not None and (time.monotonic() - last_flush > self.cfg.flush_s

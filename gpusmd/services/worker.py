@@ -34,7 +34,7 @@ from ..runinfo import RunInfo
 from .common import open_socket
 from .metrics import Metrics
 from .protocol import ProtocolError, check_batch, decode, encode, run_info
-from .shm import SlotReader, host_key
+from .shm import SlotReader, host_key, remove_stale
 
 log = logging.getLogger("gpusmd.worker")
 
@@ -332,6 +332,7 @@ class Worker:
             self.stager.close()
         if self.shared is not None:
             self.shared.close()
+            remove_stale()          # the slot files of an ingest that was killed
         self.metrics.close()
         self.work.close()
         self.sink.close()

@@ -1,0 +1,136 @@
+"""What survives what in the live chain: a sink killed and started again completes the
+run with every event once (the same file as an uninterrupted run); a killed ingest
+leaves a file the sink closes incomplete, saying what is missing; no shared-memory file
+is left behind."""
+import os
+import signal
+import textwrap
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from gpusmd.backend import get_backend
+from gpusmd.config import load_config
+from gpusmd.io.compare import diff_files
+from gpusmd.io.output import is_complete, open_written
+from gpusmd.replay import replay
+from gpusmd.services.local import LocalServices
+from gpusmd.services.publish import publish
+from gpusmd.services.shm import PREFIX, SHM_DIR, host_key
+from gpusmd.simulate import simulate_run
+
+N_EVENTS = 300
+CONFIG = """\
+    batch_size: 4
+    detectors:
+      camera:
+        functions:
+          - {kind: roi, bounds: [[0, 64], [0, 96]], writeArea: true}
+          - {kind: roi, bounds: [[10, 100], [20, 120]], thresADU: [2.0, null]}
+        sums: [calib, calib_max]
+    services:
+      heartbeat_s: 0.2
+      worker_timeout_s: 1.0
+      flush_s: 0.3
+      log_every_s: 1.0
+      ingest_timeout_s: 2.0
+    """
+
+
+@pytest.fixture(scope="module")
+def d(tmp_path_factory):
+    d = tmp_path_factory.mktemp("restart")
+    simulate_run(d / "run.h5", "camera", n_events=N_EVENTS, shape=(128, 128), run=5)
+    (d / "run.yaml").write_text(textwrap.dedent(CONFIG))
+    replay(d / "run.h5", load_config(d / "run.yaml"), d / "reference.h5", get_backend("cpu"),
+           progress=False)
+    return d
+
+
+def rows(path) -> int:
+    try:
+        with open_written(path) as f:
+            return int(f.attrs["n_events"])
+    except (OSError, KeyError):
+        return 0
+
+
+def wait_for(condition, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def start(d, name, out, **kw):
+    chain = LocalServices(d / "run.yaml", out, 2, "cpu", log_dir=d / f"logs_{name}", **kw).start()
+    cfg = load_config(d / "run.yaml")
+    cfg.services.__dict__.update(chain.addresses)
+    threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+    return chain
+
+
+def slot_files(pid):
+    """The shared-memory slot files of the ingest ``pid``."""
+    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{pid}-*")) if host_key() else []
+
+
+@pytest.mark.parametrize("kills", [1, 2])
+def test_a_sink_killed_and_started_again_completes_the_run(d, kills):
+    """SIGKILL of a slow sink mid-run (``kills`` times), a new one started each time: it
+    takes up the run's file; the file ends complete, equal to the in-process one (every
+    event once, the same run sums)."""
+    out = d / f"sink_killed_{kills}.h5"
+    chain = start(d, f"sink_{kills}", out, sink_args=["--delay-ms", "15"])
+    try:
+        for k in range(kills):
+            wait_for(lambda: rows(out) >= 40 * (k + 1), "the sink wrote nothing")
+            chain.sink.send_signal(signal.SIGKILL)
+            chain.sink.wait(5)
+            assert not is_complete(out)
+            chain.sink = chain._start(f"sink_again{k}", "sink", "-o", str(out), "--no-progress",
+                                      *chain.sink_args)
+        assert chain.wait_sink(60) == 0
+    finally:
+        chain.stop()
+    assert is_complete(out)
+    assert diff_files(out, d / "reference.h5") == []
+    with h5py.File(out, "r") as f:
+        assert f.attrs["n_events"] == N_EVENTS and len(f["errors/event_id"]) == 0
+        assert "sink_checkpoint" not in f
+    assert not list(d.glob(f"{out.name}*_1.h5"))
+    assert "taking up" in (d / f"logs_sink_{kills}" / "sink_again0.log").read_text()
+
+
+def test_a_killed_ingest_leaves_a_file_closed_incomplete_with_what_is_missing(d):
+    """kill -9 of the ingest mid-run: within ingest_timeout_s the sink closes the file,
+    incomplete, with the reason and the missing batch ranges in /errors (stage
+    "missing"); every event it holds is the in-process file's. No slot file is left."""
+    out = d / "ingest_killed.h5"
+    chain = start(d, "ingest", out, worker_args=["--delay-ms", "40"])
+    try:
+        wait_for(lambda: rows(out) >= 40, "the sink wrote nothing")
+        chain.ingest.send_signal(signal.SIGKILL)
+        chain.ingest.wait(5)
+        killed = time.monotonic()
+        wait_for(lambda: chain.sink.poll() is not None, "the sink did not close the run", 20)
+        assert time.monotonic() - killed < 10
+        assert chain.sink.returncode == 0
+    finally:
+        chain.stop()
+    assert slot_files(chain.ingest.pid) == []
+    assert not is_complete(out)
+    with h5py.File(out, "r") as f, h5py.File(d / "reference.h5", "r") as ref:
+        assert "went silent" in f.attrs["incomplete_reason"]
+        ids = f["event_id"][()]
+        assert 40 <= len(ids) < N_EVENTS
+        index = np.searchsorted(ref["event_id"][()], ids)
+        np.testing.assert_array_equal(ref["event_id"][()][index], ids)
+        np.testing.assert_array_equal(f["camera/ROI_1_sum"][()], ref["camera/ROI_1_sum"][()][index])
+        stages = [s.decode() for s in f["errors/stage"][()]]
+        reasons = [r.decode() for r in f["errors/reason"][()]]
+        assert stages and set(stages) == {"missing"}
+        assert all("never came" in r for r in reasons)
