@@ -2,8 +2,9 @@
 run with every event once (the same file as an uninterrupted run); a killed ingest
 leaves a file the sink closes incomplete, saying what is missing; no shared-memory file
 is left behind."""
-import os
 import signal
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -17,7 +18,7 @@ from gpusmd.config import load_config
 from gpusmd.io.compare import diff_files
 from gpusmd.io.output import is_complete, open_written
 from gpusmd.replay import replay
-from gpusmd.services.local import LocalServices
+from gpusmd.services.local import RUN_CLI, LocalServices, address_args
 from gpusmd.services.publish import publish
 from gpusmd.services.shm import PREFIX, SHM_DIR, host_key
 from gpusmd.simulate import simulate_run
@@ -134,3 +135,33 @@ def test_a_killed_ingest_leaves_a_file_closed_incomplete_with_what_is_missing(d)
         reasons = [r.decode() for r in f["errors/reason"][()]]
         assert stages and set(stages) == {"missing"}
         assert all("never came" in r for r in reasons)
+
+
+def test_a_new_ingest_of_the_same_run_goes_to_a_new_file(d):
+    """The ingest killed mid-run and a new one started at once, the run published again:
+    the sink closes the first file incomplete and writes the new ingest's run to
+    <name>_1.h5 (another key: never mixed into the first), complete and whole."""
+    out, again = d / "new_ingest.h5", d / "new_ingest_1.h5"
+    chain = LocalServices(d / "run.yaml", out, 2, "cpu", once=False,
+                          worker_args=["--delay-ms", "20"], log_dir=d / "logs_new_ingest").start()
+    # the first source a process, killed with the ingest (what it had not sent is lost)
+    source = subprocess.Popen([sys.executable, "-c", RUN_CLI, "publish", str(d / "run.h5"),
+                               "--config", str(d / "run.yaml"), *address_args(chain.addresses)])
+    try:
+        wait_for(lambda: rows(out) >= 40, "the sink wrote nothing")
+        for p in (source, chain.ingest):
+            p.send_signal(signal.SIGKILL)
+            p.wait(5)
+        chain.ingest = chain._start("ingest_again", "ingest")
+        cfg = load_config(d / "run.yaml")
+        cfg.services.__dict__.update(chain.addresses)
+        threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+        wait_for(lambda: is_complete(again), "the new ingest's run was not written", 60)
+    finally:
+        source.kill()
+        chain.stop()
+    assert not is_complete(out)
+    with h5py.File(out, "r") as f:
+        assert "went silent" in f.attrs["incomplete_reason"]
+        assert len(f["event_id"]) < N_EVENTS
+    assert diff_files(again, d / "reference.h5") == []
