@@ -2,6 +2,7 @@
 a full disk is one line and leaves a file that opens (or no constants file), an
 interrupted replay leaves the events written so far."""
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -300,6 +301,8 @@ def test_the_sink_marks_its_file_and_never_replaces_one(d):
         reader = subprocess.Popen([sys.executable, "-c", READER, str(first)],
                                   stdout=subprocess.PIPE, text=True)
         try:
+            ready, _, _ = select.select([reader.stdout], [], [], 60)
+            assert ready, "the growing file never opened for a reader"
             assert reader.stdout.readline().strip() == "open"
             wait_for(lambda: is_complete(first), "the first take was not written")
         finally:
