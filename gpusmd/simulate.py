@@ -83,6 +83,7 @@ import numpy as np
 
 from .detectors import DetectorModel, get_detector
 from .errors import ConfigError
+from .io.output import written_whole
 from .io.raw import FORMAT, FORMAT_VERSION
 
 EPIX10K_DARK_STEPS = (  # (name, pixel_config g|ga bits, trbit, gain range index)
@@ -437,7 +438,7 @@ def simulate_run(path, detector: str = "epix10kquad", n_events: int = 20, dark: 
     cm_bank = np.zeros((n, nseg, ev.nh, ev.nb), np.float32)
     cm_row = np.zeros((n, nseg, ev.rows, ev.nb), np.float32)
     cm_col = np.zeros((n, nseg, ev.nh, ev.cols), np.float32)
-    with h5py.File(path, "w") as f:
+    with written_whole(path) as part, h5py.File(part, "w") as f:
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
                         "experiment": experiment, "run": run})
         f.create_dataset("event_id", data=1000 * run + idx.astype(np.int64))

@@ -39,7 +39,6 @@ The gains are the model's defaults (``Constants.default``) or those of ``gain_pa
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +46,7 @@ import numpy as np
 from ..detectors import ADC_MASK, DetectorModel
 from ..errors import ConstantsError, RawFileError
 from ..io.h5 import open_h5
-from ..io.output import WriteError, check_new_output
+from ..io.output import WriteError, check_new_output, written_whole
 from ..io.source import open_run
 from .constants import RUN_ANY, Constants
 
@@ -277,13 +276,10 @@ def process_dark(source, out_path, detectors=None, gain_path=None, run_max: int 
         for d in names:
             out[d] = dark_constants(run, d, gains[d], run_max, outlier_sigma, nsigma)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
-        for d, c in out.items():
-            c.save(tmp, d)
-        os.replace(tmp, out_path)
+        with written_whole(out_path) as part:
+            for d, c in out.items():
+                c.save(part, d)
     except WriteError as e:
         raise WriteError(out_path, e.reason, detail=f"{e.detail}; no constants file written") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

@@ -54,6 +54,19 @@ class WriteError(GpusmdError):
         super().__init__(f"{path}: {reason}{after}{detail}")
 
 
+@contextmanager
+def written_whole(path):
+    """A temporary name beside ``path`` to write a file under: renamed to ``path`` when the
+    block ends without an error, removed otherwise, so that the file is whole or absent."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        yield part
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+
+
 def check_new_output(path, force: bool = False) -> Path:
     """An output path that may be written: an existing file is refused unless ``force``."""
     path = Path(path)

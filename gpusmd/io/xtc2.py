@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import RawFileError
+from .output import written_whole
 from .psana_layout import (EVENT_ID_DETECTOR, EVENT_ID_FIELD, PSANA_TYPES, SCALAR_ALG,
                            SCALAR_DETTYPE, SCALAR_VERSION, ns_to_psana_time,
                            psana_asics_from_panel, trbit_to_psana)
@@ -102,11 +103,12 @@ def write_xtc2(raw_path, out_path, events_per_read: int = 16) -> Path:
                                f"each other")
         event_nbytes = sum(m.raw_nbytes for m in run.detectors.values()) + 4096
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        w = _Writer(out_path, event_nbytes)
-        try:
-            _write(w, run, kinds, steps, events_per_read)
-        finally:
-            w.close()
+        with written_whole(out_path) as part:
+            w = _Writer(part, event_nbytes)
+            try:
+                _write(w, run, kinds, steps, events_per_read)
+            finally:
+                w.close()
     return out_path
 
 
