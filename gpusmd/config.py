@@ -112,12 +112,12 @@ class ServicesConfig:
     end_timeout_s: float = 30.0     # after an end, how long missing events are awaited
     max_error_rows: int = 1000      # /errors rows of a kind of problem per run; one counts the rest
     ack_timeout_s: float | None = None  # no ack for this long: unacknowledged batches are sent
-    #                                   again (default 2 x flush_s + worker_timeout_s)
+    #                                   again (default 2 x (flush_s + worker_timeout_s))
     ingest_timeout_s: float = 10.0  # the sink closes a run incomplete when its ingest is silent this long
 
     @property
     def ack_timeout(self) -> float:
-        return self.ack_timeout_s or 2 * self.flush_s + self.worker_timeout_s
+        return self.ack_timeout_s or 2 * (self.flush_s + self.worker_timeout_s)
 
 
 def parse_services(d, where: Where, base_dir: Path) -> ServicesConfig:
