@@ -37,8 +37,8 @@ def test_a_worker_reads_what_the_ingest_wrote(pool, tmp_path):
         np.testing.assert_array_equal(arrays[det], np.stack([f[det] for f in events]))
         assert not arrays[det].flags.writeable          # the worker only reads
     # the same batch for a worker on another host: one frame per event over the link
-    msg = decode(Batch(0, {"kind": "batch", "run": 1, "batch": 0, "events": []}, [0, 1, 2],
-                       0, slot=slot).message(shared=False))
+    header = {"kind": "batch", "run": 1, "batch": 0, "events": []}
+    msg = decode(Batch(0, "token", header, [0, 1, 2], 0, slot=slot).message(shared=False))
     for i, f in enumerate(events):
         for det in LAYOUT:
             np.testing.assert_array_equal(msg.arrays[f"{i}/{det}"], f[det])

@@ -119,7 +119,7 @@ def frame(det, event, shape=None, dtype=np.uint16):
 
 
 def batch_message(run, batch, events, arrays):
-    head = {"kind": "batch", "run": run, "batch": batch,
+    head = {"kind": "batch", "run": run, "batch": batch, "token": f"token-{batch}",
             "events": [{"event": e, "timestamp": 1000 + e, "scalars": {}, "steps": {}}
                        for e in events]}
     return encode(head, arrays)
