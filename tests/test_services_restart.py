@@ -165,3 +165,40 @@ def test_a_new_ingest_of_the_same_run_goes_to_a_new_file(d):
         assert "went silent" in f.attrs["incomplete_reason"]
         assert len(f["event_id"]) < N_EVENTS
     assert diff_files(again, d / "reference.h5") == []
+
+
+@pytest.mark.parametrize("slow_sink", [False, True], ids=["sink", "slow sink"])
+def test_a_run_published_twenty_times_gives_twenty_complete_files(tmp_path, slow_sink):
+    """The same 200-event run published 20 times in a row into one chain (a slow sink:
+    backpressure all the way to the publisher): every take is a complete file with every
+    event, the first under the run's name and the others numbered, none replaced."""
+    n, takes = 200, 20
+    simulate_run(tmp_path / "run.h5", "camera", n_events=n, shape=(32, 32), run=7)
+    (tmp_path / "run.yaml").write_text(textwrap.dedent("""\
+        batch_size: 8
+        detectors:
+          camera:
+            functions:
+              - {kind: roi, bounds: [[0, 16], [0, 32]]}
+        services: {heartbeat_s: 0.2, flush_s: 0.2, hwm: 8}
+        """))
+    out = tmp_path / "take_Run{run:04d}.h5"
+    chain = LocalServices(tmp_path / "run.yaml", out, 1, "cpu", once=False,
+                          log_dir=tmp_path / "logs",
+                          sink_args=["--delay-ms", "2"] if slow_sink else []).start()
+    try:
+        cfg = load_config(tmp_path / "run.yaml")
+        cfg.services.__dict__.update(chain.addresses)
+        files = [tmp_path / "take_Run0007.h5"] + [tmp_path / f"take_Run0007_{k}.h5"
+                                                  for k in range(1, takes)]
+        for k in range(takes):
+            assert publish(tmp_path / "run.h5", cfg) == n
+            wait_for(lambda: files[k].exists() and is_complete(files[k]),
+                     f"take {k} was not completed", timeout=60)
+    finally:
+        chain.stop()
+    for path in files:
+        with h5py.File(path, "r") as f:
+            assert f.attrs["complete"] == 1 and len(f["event_id"]) == n
+            np.testing.assert_array_equal(f["event_id"][()], 1000 * 7 + np.arange(n))
+    assert not (tmp_path / f"take_Run0007_{takes}.h5").exists()

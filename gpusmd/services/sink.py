@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import h5py
@@ -244,6 +245,7 @@ class Sink:
         self.ctx = ctx or zmq.Context.instance()
         self.input = open_socket(self.ctx, zmq.PULL, self.cfg.sink_in, True, self.cfg)
         self.acks = open_socket(self.ctx, zmq.PUSH, self.cfg.ingest_ack, False, self.cfg)
+        self.unsent_acks: deque = deque()
         # the ingest sends an open run's begin_run and unacknowledged batches again
         self.acks.send_multipart(encode({"kind": "hello"}))
         self.metrics = Metrics("sink", self.cfg.log_every_s, metrics_port)
@@ -447,11 +449,18 @@ class Sink:
         return self.begin_run(w)
 
     def ack(self, batch: int, token: str):
-        try:
-            self.acks.send_multipart(encode({"kind": "ack", "batch": batch, "token": token}),
-                                     flags=zmq.NOBLOCK)
-        except zmq.Again:       # the ingest will re-send; the duplicate is dropped here
-            self.quiet.warning(f"ack of batch {batch} not sent (ingest not reachable)")
+        self.unsent_acks.append(encode({"kind": "ack", "batch": batch, "token": token}))
+        self.send_acks()
+
+    def send_acks(self):
+        """The acknowledgements not yet sent, as far as the link takes them now (never
+        dropped: an ack lost would stall the ingest until its ack timeout)."""
+        while self.unsent_acks:
+            try:
+                self.acks.send_multipart(self.unsent_acks[0], flags=zmq.NOBLOCK)
+            except zmq.Again:       # the link is full or the ingest away: later
+                return
+            self.unsent_acks.popleft()
 
     def flush(self):
         """Put the open run's rows on disk, then acknowledge the batches they hold: the
@@ -480,6 +489,7 @@ class Sink:
                                       or (idle and c.to_ack)):
                     self.flush()
                     last_flush = time.monotonic()
+                self.send_acks()
                 self.metrics.set("waiting_batches", len(self.current.results) if self.current else 0)
                 self.metrics.tick()
                 self.quiet.tick()
