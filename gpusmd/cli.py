@@ -129,6 +129,7 @@ def cmd_demo(args):
 def cmd_constants(args):
     from .calib import psana_constants as pc
     from .calib.constants import Constants
+    from .io.output import check_new_output
     if args.action == "to-psana":
         det = pc.detector_in(args.constants, args.detector)
         consts = Constants.load(args.constants, det)
@@ -140,7 +141,7 @@ def cmd_constants(args):
             print(f"  {cmd}")
         print(f"wrote {len(files)} files to {args.output}")
         return
-    out = pc.check_output(args.output, args.force)
+    out = check_new_output(args.output, args.force)
     if args.action == "from-psana":
         det, consts = pc.from_psana_dir(args.source, args.type)
         det = args.detector or det

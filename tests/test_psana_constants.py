@@ -254,7 +254,7 @@ def test_cli(runs, tmp_path, monkeypatch, capsys):
     assert main(["constants", "from-psana", str(out), "-o", str(back)]) == 0
     assert_same_calibration(c, Constants.load(back, det))
     assert main(["constants", "from-psana", str(out), "-o", str(back)]) == 2
-    assert f"{back}: exists; use --force" in capsys.readouterr().err
+    assert f"{back} exists (give --force to replace it)" in capsys.readouterr().err
     assert main(["constants", "from-psana", str(out), "-o", str(back), "--force",
                  "--detector", "other"]) == 0
     assert_same_calibration(c, Constants.load(back, "other"))

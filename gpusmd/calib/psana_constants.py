@@ -53,6 +53,7 @@ import numpy as np
 from .. import __version__
 from ..detectors import DETECTORS, DetectorModel, get_detector
 from ..errors import ConfigError, ConstantsError, RawFileError
+from ..io.output import check_new_output, written_whole
 from .constants import RUN_ANY, Constants
 
 FORMAT = "gpusmd-psana-constants"
@@ -497,27 +498,13 @@ def from_run(source, detname: str, model=None, timeout: float | None = None,
 
 
 # ---- files of the command line --------------------------------------------------------
-def check_output(path, force: bool = False) -> Path:
-    """An output constants file that may be written: refused if it exists, unless force."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConstantsError(f"{path}: is a directory, not a constants file")
-    if path.exists() and not force:
-        raise ConstantsError(f"{path}: exists; use --force to replace it")
-    return path
-
-
 def save_constants(constants: Constants, path, detname: str, force: bool = False) -> Path:
     """Write a gpusmd constants file holding one detector, all at once (a file that exists
     is replaced only with ``force``)."""
-    path = check_output(path, force)
+    path = check_new_output(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        constants.save(tmp, detname, mode="w")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with written_whole(path) as part:
+        constants.save(part, detname, mode="w")
     return path
 
 
