@@ -184,8 +184,13 @@ class RunWriter:
             self.next_batch = b + 1
         if self.next_batch < made:
             missing.append((self.next_batch, made - 1))
-        self.add_errors([(-1, "missing", f"batches {a}-{b} never came ({reason})")
-                         for a, b in missing])
+        rows = [(-1, "missing", f"batches {a}-{b} never came ({reason})") for a, b in missing]
+        announced = self.info.n_events      # the source's count, where it knew it
+        if announced is not None and self.n_written < announced:
+            # events the ingest never batched: past the last batch, only the count is known
+            rows.append((-1, "missing", f"{self.n_written} of the {announced} events the "
+                                        f"source announced were written ({reason})"))
+        self.add_errors(rows)
         log.error("run %d closed incomplete: %s; batches missing: %s", self.info.run, reason,
                   ", ".join(f"{a}-{b}" for a, b in missing) or "none")
         self.finish(config, reason=reason)
