@@ -9,7 +9,7 @@ import logging
 import numpy as np
 
 from .backend import Backend
-from .calib.calibrate import Calibrator
+from .calib.calibrate import Calibrator, build_lut
 from .calib.common_mode import CM_GAIN_RANGES, CommonMode, resolve
 from .calib.constants import NON_FINITE, RUN_ANY, Constants
 from .calib.masks import pixel_masks
@@ -24,10 +24,23 @@ from .geometry import (PSANA_DEFAULT, detector_coords, psana_default_file, read_
 log = logging.getLogger("gpusmd.processor")
 
 
-def build_feature(f, model, masks, backend, constants, input_shape=None):
-    """One configured function; kinds that threshold in noise units get the noise."""
+def frame_rms(constants: Constants, convention: str = "divide") -> np.ndarray:
+    """The pixel noise in the units of the calibrated frames: the rms (ADU) of gain range
+    0 converted as the calibration converts a frame in gain range 0 (/ gain with
+    ``divide``, x gain with ``multiply``, as is with ``none``; 0 where the gain is 0).
+
+    One map per run, as smalldata_tools (rms[0] / gain[0]): thresholds in rms units count
+    the noise of the high gain, the range of the dim pixels a threshold decides on."""
+    shape = constants.rms[0].shape
+    scale = build_lut(constants, np.ones(shape, np.float32), convention)[0, :, 1]
+    return constants.rms[0] * scale.reshape(shape)
+
+
+def build_feature(f, model, masks, backend, constants, input_shape=None, convention="divide"):
+    """One configured function; kinds that threshold in noise units get the noise in the
+    units of the frames (see frame_rms)."""
     cls = FEATURES[f.kind]
-    extra = {"rms": constants.rms[0]} if cls.accepts_rms else {}
+    extra = {"rms": frame_rms(constants, convention)} if cls.accepts_rms else {}
     return cls(f.name, f.params, model, masks, backend, f.where, input_shape=input_shape, **extra)
 
 
@@ -91,7 +104,8 @@ class DetectorProcessor:
                 raise (f.where / "parent").error(f"a {f.kind} cannot take the output of "
                                                  f"{f.parent} ({parent.kind})")
             feature = build_feature(f, model, self.masks, backend, self.constants,
-                                    None if parent is None else parent.output_shape)
+                                    None if parent is None else parent.output_shape,
+                                    cfg.gain_convention)
             if parent is not None:
                 self.parents[feature.name] = parent
             by_name[f.name] = feature

@@ -102,7 +102,7 @@ class Feature:
 
     kind = ""
     name_prefix = ""
-    accepts_rms = False         # True: built with rms= the pixel noise (first gain range)
+    accepts_rms = False         # True: built with rms= the pixel noise, frames' units
     PARAMS: tuple[str, ...] = ()
 
     numbered = False    # True: ROI_0, ROI_1, ...; False: spectrum, spectrum_1, ...

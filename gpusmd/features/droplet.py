@@ -3,7 +3,14 @@
 Algorithm (per event and per segment; no region ever crosses a segment or an event):
 
 1. seeds: good pixels (mask ``mask``, default cmask) with value > ``threshold``
-   (x rms per pixel when ``useRms``, else calibrated units);
+   (x rms per pixel when ``useRms``, else calibrated units). The rms is the noise in
+   the frames' units: the dark run's rms (ADU) of gain range 0 converted as the
+   calibration converts gain range 0 (/ gain with gain_convention ``divide``, x gain
+   with ``multiply``, as is with ``none``), one map per run. This is smalldata_tools'
+   rms[0] / gain[0]: a threshold decides on dim pixels, which are in the high gain; a
+   pixel switched to a lower range holds a signal far above it. (An epix10k auto
+   ranging in AML starts in AML_M, noisier in keV than FH: 5 FH rms are fewer AML_M
+   rms there, more noise seeds, which the thresADU cut on the droplet sum removes.)
 2. label the 4-connected regions of seeds: one ``ndimage.label`` call per batch on the
    (B, nseg, rows, cols) stack, with a structure that connects only along rows and
    columns (scipy.ndimage on the CPU, cupyx.scipy.ndimage on the GPU);
@@ -288,7 +295,7 @@ class DropletFinder:
 @register
 class Droplet(Feature):
     kind = "droplet"
-    accepts_rms = True          # the builder passes rms=constants.rms[0]
+    accepts_rms = True          # the builder passes the noise in the frames' units
     name_prefix = "droplet"
     PARAMS = ("threshold", "thresholdLow", "thresADU", "useRms", "nData", "mask")
 
