@@ -104,6 +104,7 @@ class Ingest:
         self.slot: Slot | None = None              # the slot of the batch being filled
         self.quiet = QuietLog(log, s.log_every_s)
         self.last_hello = self.last_beat = 0.0
+        self.sinks_seen = 0              # hellos: a sink after the first is a restart
         self.reset_run()
 
     # ---- run state ----------------------------------------------------------------
@@ -404,10 +405,14 @@ class Ingest:
         self.let_go(batch)
 
     def on_hello(self):
-        """A sink has started (again): the open run goes to it again. Taken at most once
-        every heartbeat_s (anyone may say hello; it costs batches processed again)."""
+        """A sink has started again: the open run goes to it again. The first sink's hello
+        needs nothing (what the ingest sends waits on the link until a sink takes it);
+        taken at most once every heartbeat_s (anyone may say hello; it costs batches
+        processed again)."""
+        self.sinks_seen += 1
         now = time.monotonic()
-        if self.info is None or now - self.last_hello < self.cfg.heartbeat_s:
+        if (self.sinks_seen == 1 or self.info is None
+                or now - self.last_hello < self.cfg.heartbeat_s):
             return
         self.last_hello = now
         self.send_again("a sink started")
