@@ -1,4 +1,6 @@
 """Shared fixtures: small simulated raw runs (cached per session, treat them as read-only)."""
+import time
+
 import pytest
 
 from gpusmd.simulate import simulate_run
@@ -29,6 +31,14 @@ def epix10k_pair(simulated):
     the 5 config steps (run 1), 20 data events (run 2)."""
     return simulated("epix10kquad", dark=True, n_events=30), simulated("epix10kquad", n_events=20)
 
+
+
+def wait_for(condition, what: str, timeout: float = 30):
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
 
 
 def assert_same_datasets(a, b, skip=()):

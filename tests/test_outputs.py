@@ -25,6 +25,8 @@ from gpusmd.services.local import LocalServices, free_port
 from gpusmd.services.publish import publish
 from gpusmd.simulate import simulate_run
 
+from conftest import wait_for
+
 N_EVENTS = 96
 # a slow user function (to interrupt a replay) and one that fails at its third batch
 USER_MODULE = """\
@@ -267,13 +269,6 @@ def chain_of(d, name, output, **kw):
     cfg = load_config(d / "svc.yaml")
     cfg.services.__dict__.update(chain.addresses)
     return chain, cfg
-
-
-def wait_for(condition, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 READER = """\

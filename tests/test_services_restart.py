@@ -23,6 +23,8 @@ from gpusmd.services.publish import publish
 from gpusmd.services.shm import PREFIX, SHM_DIR, host_key
 from gpusmd.simulate import simulate_run
 
+from conftest import wait_for
+
 N_EVENTS = 300
 CONFIG = """\
     batch_size: 4
@@ -57,13 +59,6 @@ def rows(path) -> int:
             return int(f.attrs["n_events"])
     except (OSError, KeyError):
         return 0
-
-
-def wait_for(condition, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def start(d, name, out, **kw):

@@ -33,6 +33,8 @@ from gpusmd.services.protocol import (ProtocolError, batch_token, check_result, 
 from gpusmd.services.publish import publish
 from gpusmd.simulate import simulate_run
 
+from conftest import wait_for
+
 DET = "camera"
 N = 100
 CONFIG = """\
@@ -283,17 +285,10 @@ def chain(tmp_path_factory):
     c.dir = d
     try:
         wait_for(lambda: all(f"worker{i} joined" in log_text(c, "ingest") for i in range(2)),
-                 30, "the workers did not join")
+                 "the workers did not join", 30)
         yield c
     finally:
         c.stop()
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def log_text(chain, name: str) -> str:
@@ -302,8 +297,8 @@ def log_text(chain, name: str) -> str:
 
 def written(chain, run: int, timeout: float = 30):
     """The output of run ``run``, once the sink has closed it."""
-    wait_for(lambda: f"run {run} written to" in log_text(chain, "sink"), timeout,
-             f"run {run} was not written")
+    wait_for(lambda: f"run {run} written to" in log_text(chain, "sink"),
+             f"run {run} was not written", timeout)
     return chain.dir / f"run{run}.h5"
 
 
@@ -539,7 +534,7 @@ def test_forged_control_messages_change_nothing(chain):
     try:
         source = Peer(ctx, chain, "ingest_in")
         source.send(begin)
-        wait_for(lambda: f"run {run} ->" in log_text(chain, "sink"), 10, "the run did not begin")
+        wait_for(lambda: f"run {run} ->" in log_text(chain, "sink"), "the run did not begin", 10)
         forger = threading.Thread(target=forge, daemon=True)
         forger.start()
         for h, a in events:
@@ -614,13 +609,13 @@ def test_idle_workers_stopped_then_resumed_take_the_next_run(chain):
     for w in chain.workers:
         os.kill(w.pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: all(count(f"worker{i} silent") > drops[i] for i in range(2)), 10,
-                 "the stopped workers were not dropped")
+        wait_for(lambda: all(count(f"worker{i} silent") > drops[i] for i in range(2)),
+                 "the stopped workers were not dropped", 10)
     finally:
         for w in chain.workers:
             os.kill(w.pid, signal.SIGCONT)
-    wait_for(lambda: count("asked to rejoin") >= before + 2, 10,
-             "the workers were not asked to rejoin")
+    wait_for(lambda: count("asked to rejoin") >= before + 2,
+             "the workers were not asked to rejoin", 10)
     cfg = load_config(chain.dir / "run.yaml")
     cfg.services.__dict__.update(chain.addresses)
     assert publish(chain.dir / "run.h5", cfg) == N
@@ -648,8 +643,8 @@ def test_a_worker_stopped_while_it_holds_batches_then_resumed(chain):
         for h, a in events[20:]:
             source.send(encode(h, a))
             time.sleep(0.015)
-        wait_for(lambda: log_text(chain, "ingest").count("worker0 silent") > drops, 10,
-                 "worker0 was not dropped")
+        wait_for(lambda: log_text(chain, "ingest").count("worker0 silent") > drops,
+                 "worker0 was not dropped", 10)
         os.kill(chain.workers[0].pid, signal.SIGCONT)
         source.send(encode({"kind": "end", "run": run, "n_events": N}))
         out = written(chain, run)
@@ -659,8 +654,8 @@ def test_a_worker_stopped_while_it_holds_batches_then_resumed(chain):
     resent = log_text(chain, "ingest").split("worker0 silent")[-1].split("\n")[0]
     assert not resent.endswith("re-sending batches []"), resent
     sink = lambda: log_text(chain, "sink")      # noqa: E731
-    wait_for(lambda: "duplicates=" in sink() or f"late result of run {run}" in sink(), 10,
-             "the batches worker0 held did not come twice")
+    wait_for(lambda: "duplicates=" in sink() or f"late result of run {run}" in sink(),
+             "the batches worker0 held did not come twice", 10)
     all_alive(chain)
     assert_rows(out, chain)
     assert error_rows(out) == []
@@ -675,7 +670,7 @@ def test_a_begin_run_forged_ahead_of_the_real_one_does_not_keep_it_out(chain):
     ctx = zmq.Context()
     try:
         Peer(ctx, chain, "sink_in").send(encode({**begin_header(chain, 996), "key": "k" * 32}))
-        wait_for(lambda: "run 996 ->" in log_text(chain, "sink"), 10, "no forged run")
+        wait_for(lambda: "run 996 ->" in log_text(chain, "sink"), "no forged run", 10)
         source = Peer(ctx, chain, "ingest_in")
         source.send(begin)
         for h, a in events:

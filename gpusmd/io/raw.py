@@ -131,16 +131,20 @@ class RawRun:
                                 else np.zeros(self.n_events, np.int64))
         return self._steps[det]
 
-    def control_bits(self, det: str, step: int = 0) -> np.ndarray | None:
-        """epix10k per-pixel control bits of a config step; None for other detectors."""
-        if self.detectors[det].family != "epix10k":
-            return None
+    def epix10k_config(self, det: str, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(pixel_config (nseg, 352, 384), trbit (nseg, 4)) of an epix10k config step."""
         cfg = self._h5[det]["config"]
         n = len(cfg["pixel_config"])
         if not 0 <= step < n:
             raise RawFileError(f"{self.path}: /{det}/config has no configuration step {step} "
                                f"(it has {n})")
-        return epix10k_control_bits(cfg["pixel_config"][step], cfg["trbit"][step])
+        return cfg["pixel_config"][step], cfg["trbit"][step]
+
+    def control_bits(self, det: str, step: int = 0) -> np.ndarray | None:
+        """epix10k per-pixel control bits of a config step; None for other detectors."""
+        if self.detectors[det].family != "epix10k":
+            return None
+        return epix10k_control_bits(*self.epix10k_config(det, step))
 
     def step_control_bits(self, det: str) -> dict[int, np.ndarray]:
         """{step: control bits} of every step the run's events use (epix10k; else {})."""

@@ -143,8 +143,7 @@ def _write(w: _Writer, run: RawRun, kinds: dict, steps: np.ndarray, events_per_r
     def set_config(step: int) -> list:
         items = []
         for det, segs in cfg_alg.items():
-            bits = run._h5[det]["config"]
-            pc, tr = bits["pixel_config"][step], bits["trbit"][step]
+            pc, tr = run.epix10k_config(det, step)
             for s, alg in enumerate(segs):
                 alg.asicPixelConfig = np.ascontiguousarray(psana_asics_from_panel(pc[s]))
                 alg.trbit = np.ascontiguousarray(trbit_to_psana(tr[s]).astype(np.uint8))

@@ -61,7 +61,7 @@ class GpuStager:
     array (n, *shape)} on the compute stream (valid until batch k + 2 is staged);
     ``release(k)`` after batch k's processing. At most two batches are staged and not
     released at once. ``device``: injectable (CupyDevice by default), as for
-    gpu_pipeline.run_batches."""
+    gpu_pipeline.stream_batches."""
 
     def __init__(self, capacity: int, device=None):
         self.capacity = max(1, int(capacity))
