@@ -37,6 +37,13 @@ def slow(frames, delay=0.0):
     time.sleep(delay)
     return {"n": next(iter(frames.values())).sum(axis=(1, 2))}
 
+def stalls(frames, after=2):
+    # returns at once for the first `after` batches, then hangs (to be interrupted)
+    calls[0] += 1
+    if calls[0] > after:
+        time.sleep(60)
+    return {"n": next(iter(frames.values())).sum(axis=(1, 2))}
+
 def third_fails(frames):
     calls[0] += 1
     if calls[0] == 3:
@@ -68,6 +75,7 @@ def d(tmp_path_factory):
     (d / "run.yaml").write_text(config_text())
     (d / "slow.yaml").write_text(config_text(params="delay: 0.2"))
     (d / "fails.yaml").write_text(config_text("third_fails", ""))
+    (d / "stalls.yaml").write_text(config_text("stalls", "after: 2"))
     sys.path.insert(0, str(d))
     yield d
     sys.path.remove(str(d))
@@ -217,15 +225,17 @@ def test_a_write_that_fails_anyway_stops_the_file(d, small_disk):
 # ---- 5. interrupted ---------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_replay_leaves_the_events_so_far(d, sig):
+    """Interrupted while its third batch hangs: exit 130, the two batches before it kept,
+    the file closed and marked incomplete."""
     out = d / f"interrupted_{sig.name}.h5"
     env = {**os.environ, "PYTHONPATH": str(d)}
     p = subprocess.Popen([sys.executable, "-m", "gpusmd.cli", "replay", "run.h5", "--config",
-                          "slow.yaml", "-o", str(out), "-q"], cwd=d, env=env,
+                          "stalls.yaml", "-o", str(out), "-q"], cwd=d, env=env,
                          stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 30
         n = 0
-        while n < 16:
+        while n < 8:                    # the first batch is flushed at once
             assert time.monotonic() < deadline and p.poll() is None, "no events written"
             time.sleep(0.1)
             try:
@@ -233,6 +243,7 @@ def test_an_interrupted_replay_leaves_the_events_so_far(d, sig):
                     n = len(f["event_id"]) if "event_id" in f else 0
             except (OSError, KeyError):
                 n = 0
+        time.sleep(0.5)                 # into the third batch's hang
         p.send_signal(sig)
         assert p.wait(20) == 130
         assert "interrupted" in p.stderr.read()
