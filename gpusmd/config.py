@@ -229,14 +229,18 @@ def check_sum_key(key, where: Where) -> str:
 
 
 def parse_function(d, where: Where, kind_names: dict) -> FunctionConfig:
-    from .features import FEATURES      # late import: features import this module
+    from .features import FEATURES, KIND_ALIASES, canonical_kind   # late: features import this
     if not isinstance(d, dict):
         raise where.error("expected a mapping with at least 'kind'")
     if "kind" not in d:
         raise (where / "kind").error("required key is missing")
-    kind = check_choice(d["kind"], tuple(FEATURES), where / "kind")
+    kind = canonical_kind(d["kind"])
+    if not isinstance(kind, str) or kind not in FEATURES:
+        raise (where / "kind").error(f"{d['kind']!r} is not one of {', '.join(FEATURES)} "
+                                     f"(or smalldata_tools' {', '.join(KIND_ALIASES)})")
     feature = FEATURES[kind]
-    params = {k: v for k, v in d.items() if k not in ("kind", "name", "parent")}
+    params = feature.canonical_params(
+        {k: v for k, v in d.items() if k not in ("kind", "name", "parent")}, where)
     feature.check_params(params, where)
     parent = d.get("parent")
     if parent is not None:

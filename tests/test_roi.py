@@ -59,8 +59,13 @@ def test_user_mask_and_area(tmp_path):
     out = run(make_roi({"bounds": [[4, 10], [5, 10]], "userMask": str(tmp_path / "m.npy"),
                         "writeArea": True}), frames())
     np.testing.assert_allclose(out["sum"], [10, 20])
-    np.testing.assert_allclose(out["mean"], [10 / 29, 20 / 29])
+    # smalldata_tools ROIFunc.process: ROIdata.filled(fill_value=0).mean(), the masked
+    # pixel counted as 0: the sum over all 30 pixels of the ROI
+    np.testing.assert_allclose(out["mean"], [10 / 30, 20 / 30])
     assert out["area"].shape == (2, 6, 5) and out["area"][0, 1, 1] == 10
+    good = run(make_roi({"bounds": [[4, 10], [5, 10]], "userMask": str(tmp_path / "m.npy"),
+                         "meanOver": "good"}), frames())
+    np.testing.assert_allclose(good["mean"], [10 / 29, 20 / 29])     # the 29 good pixels
 
 
 def test_detector_mask_excludes_pixels():
@@ -81,11 +86,48 @@ def test_segmented_roi_com_in_detector_coordinates():
 
 
 @pytest.mark.parametrize("bounds, words", [
-    ([[0, 17], [0, 5]], "outside the detector"),
     ([[0, 5]], "1 ranges given"),
-    ([[5, 5], [0, 5]], "outside the detector"),
+    ([[5, 5], [0, 5]], "holds no pixel"),
+    ([[16, 30], [0, 5]], "holds no pixel"),
 ])
 def test_bounds_are_checked(bounds, words):
     with pytest.raises(ConfigError, match=words) as e:
         make_roi({"bounds": bounds})
     assert "test.yaml: roi.bounds" in str(e.value)
+
+
+@pytest.mark.parametrize("given, used", [
+    ([[0, 17], [0, 5]], ((0, 16), (0, 5))),          # high end clipped to the detector
+    ([[4.7, 10.2], [5.0, 9.9]], ((4, 10), (5, 9))),  # numbers truncated (astype(int))
+    ([[10, 4], [9, 5]], ((4, 10), (5, 9))),          # either order (min, max)
+    ([4, 10], ((4, 10), (0, 20))),                   # one pair: the first axis
+    ([[-3, 5], [0, 1e6]], ((0, 5), (0, 20))),
+])
+def test_bounds_taken_as_smalldata_tools_takes_them(given, used):
+    """smalldata_tools ana_funcs/roi_rebin.py ROIFunc.applyROI: [min, max] of each pair,
+    the max clipped to the array's size, then .astype(int); a 1-d bound slices axis 0."""
+    roi = make_roi({"bounds": given})
+    assert roi.bounds == used
+    out = run(roi, frames())
+    f = frames()[(slice(None), *(slice(*b) for b in used))]
+    np.testing.assert_allclose(out["sum"], f.sum(axis=(1, 2)))
+    np.testing.assert_allclose(out["mean"], f.mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_smalldata_names_of_the_function_and_its_bounds(tmp_path):
+    """A smalldata_tools producer's ROIFunc(ROI=..., writeArea=True) as it is."""
+    from gpusmd.config import load_config
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("detectors:\n  cam:\n    type: camera\n    functions:\n"
+                   "      - {kind: ROIFunc, ROI: [[4, 10], [5, 10]], writeArea: true}\n"
+                   "      - {kind: projectionFunc, axis: 0, parent: ROI_0}\n")
+    det = load_config(cfg).detectors["cam"]
+    assert [(f.kind, f.name) for f in det.functions] == [("roi", "ROI_0"),
+                                                         ("projection", "ROI_0_pj_ax_0")]
+    assert det.functions[0].params["bounds"] == [[4, 10], [5, 10]]
+    for bad, words in [("{kind: ROIfunc, ROI: [[0, 1], [0, 1]]}", "'ROIfunc' is not one of"),
+                       ("{kind: ROIFunc, ROI: [[0, 1], [0, 1]], bounds: [[0, 1], [0, 1]]}",
+                        "given twice")]:
+        cfg.write_text(f"detectors:\n  cam:\n    type: camera\n    functions:\n      - {bad}\n")
+        with pytest.raises(ConfigError, match=words):
+            load_config(cfg)

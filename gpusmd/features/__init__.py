@@ -8,11 +8,23 @@ import numpy as np
 from ..config import Where, check_keys
 
 FEATURES: dict[str, type["Feature"]] = {}
+# smalldata_tools' names of the functions (its classes), so that its settings carry over
+KIND_ALIASES = {
+    "ROIFunc": "roi", "projectionFunc": "projection", "spectrumFunc": "spectrum",
+    "sparsifyFunc": "sparsify", "dropletFunc": "droplet", "droplet2Photons": "droplet2photons",
+    "photonFunc": "photons", "azimuthalBinning": "azav", "Autocorrelation": "autocorr",
+    "autocorrelation": "autocorr", "imageFunc": "image", "lineoutFunc": "lineout",
+}
 
 
 def register(cls):
     FEATURES[cls.kind] = cls
     return cls
+
+
+def canonical_kind(name):
+    """The kind a config's ``kind`` names: its own name or smalldata_tools' (ROIFunc)."""
+    return KIND_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
 @dataclass
@@ -104,6 +116,7 @@ class Feature:
     name_prefix = ""
     accepts_rms = False         # True: built with rms= the pixel noise, frames' units
     PARAMS: tuple[str, ...] = ()
+    PARAM_ALIASES: dict[str, str] = {}  # smalldata_tools' name of a parameter -> ours
 
     numbered = False    # True: ROI_0, ROI_1, ...; False: spectrum, spectrum_1, ...
 
@@ -131,6 +144,17 @@ class Feature:
         """Whether this kind can take ``parent``'s output: arrays, by default (a droplet
         hands on droplets, which only droplet2photons takes)."""
         return type(parent.output_shape) is tuple
+
+    @classmethod
+    def canonical_params(cls, params: dict, where: Where) -> dict:
+        """``params`` with smalldata_tools' names of parameters replaced by ours."""
+        out = {}
+        for key, value in params.items():
+            own = cls.PARAM_ALIASES.get(key, key)
+            if own in out:
+                raise (where / key).error(f"given twice, as {own!r} and as {key!r}")
+            out[own] = value
+        return out
 
     @classmethod
     def check_params(cls, params: dict, where: Where):

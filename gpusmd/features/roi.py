@@ -17,6 +17,10 @@ from . import Feature, register
 NUMBER = (int, float)
 
 
+def is_number(v) -> bool:
+    return isinstance(v, NUMBER) and not isinstance(v, bool) and np.isfinite(v)
+
+
 def parse_thresholds(value, where: Where) -> tuple[float | None, float | None]:
     """thresADU: a scalar lower threshold, or [lo, hi] with either null."""
     if value is None:
@@ -33,17 +37,22 @@ def parse_thresholds(value, where: Where) -> tuple[float | None, float | None]:
 
 
 def check_bounds(bounds, shape, where: Where) -> tuple[tuple[int, int], ...]:
-    """Half-open [lo, hi) per raw axis, inside the detector."""
+    """Half-open [lo, hi) per raw axis, as smalldata_tools' ROIFunc.applyROI takes them:
+    a pair in either order, numbers truncated to integers, the high end clipped to the
+    detector (and the low end to 0); a single [lo, hi] is the first axis's range."""
+    if len(bounds) == 2 and all(isinstance(v, NUMBER) for v in bounds):
+        bounds = [bounds] + [[0, size] for size in shape[1:]]
     if len(bounds) != len(shape):
         raise where.error(f"{len(bounds)} ranges given, the detector has {len(shape)} axes "
                           f"(shape {tuple(shape)})")
     out = []
     for axis, (pair, size) in enumerate(zip(bounds, shape)):
-        lo, hi = pair
-        if not 0 <= lo < hi <= size:
-            raise where.error(f"range {[lo, hi]} on axis {axis} is outside the detector "
-                              f"(shape {tuple(shape)})")
-        out.append((int(lo), int(hi)))
+        lo, hi = (int(v) for v in sorted(pair))
+        lo, hi = max(lo, 0), min(hi, size)
+        if lo >= hi:
+            raise where.error(f"range {list(pair)} on axis {axis} holds no pixel of the "
+                              f"detector (shape {tuple(shape)})")
+        out.append((lo, hi))
     return tuple(out)
 
 
@@ -52,7 +61,8 @@ class ROI(Feature):
     kind = "roi"
     name_prefix = "ROI"
     numbered = True
-    PARAMS = ("bounds", "thresADU", "userMask", "writeArea", "mask")
+    PARAMS = ("bounds", "thresADU", "userMask", "writeArea", "mask", "meanOver")
+    PARAM_ALIASES = {"ROI": "bounds"}
 
     @classmethod
     def check_params(cls, params, where):
@@ -60,11 +70,15 @@ class ROI(Feature):
         if "bounds" not in params:
             raise (where / "bounds").error("required key is missing")
         bounds = check_type(params["bounds"], (list,), where / "bounds", "a list of [lo, hi] ranges")
-        for i, pair in enumerate(bounds):
-            ok = (isinstance(pair, list) and len(pair) == 2
-                  and all(isinstance(v, int) and not isinstance(v, bool) for v in pair))
-            if not ok:
-                raise (where / "bounds" / i).error(f"expected [lo, hi] integers, got {pair!r}")
+        if not (len(bounds) == 2 and all(is_number(v) for v in bounds)):
+            for i, pair in enumerate(bounds):
+                if not (isinstance(pair, list) and len(pair) == 2
+                        and all(is_number(v) for v in pair)):
+                    raise (where / "bounds" / i).error(f"expected [lo, hi] numbers, got {pair!r}")
+        mean_over = params.get("meanOver", "all")
+        if mean_over not in ("all", "good"):
+            raise (where / "meanOver").error(f"expected 'all' (smalldata_tools) or 'good', "
+                                             f"got {mean_over!r}")
         parse_thresholds(params.get("thresADU"), where / "thresADU")
         check_type(params.get("writeArea", False), (bool,), where / "writeArea", "true or false")
         if "userMask" in params:
@@ -88,7 +102,10 @@ class ROI(Feature):
         if "userMask" in params:
             mask = mask * self._load_user_mask(params["userMask"], mask.shape, where / "userMask")
         self.mask = xp.asarray(mask)
-        self.npix_good = float(mask.sum())
+        # the mean's denominator: smalldata_tools' ROIFunc takes every pixel of the ROI
+        # (masked ones as 0); "good" takes the unmasked ones only
+        self.mean_over = params.get("meanOver", "all")
+        self.npix_mean = float(mask.sum() if self.mean_over == "good" else mask.size)
         self.output_shape = mask.shape           # children take the masked ROI image
         # absolute row / column of every ROI pixel, for the centre of mass
         self.rows = xp.asarray(np.arange(*self.bounds[-2], dtype=np.float32))
@@ -121,7 +138,7 @@ class ROI(Feature):
         self.child_data = data
         total = data.sum(axis=axes, dtype=xp.float64)
         out["sum"] = total
-        out["mean"] = total / self.npix_good if self.npix_good else xp.full_like(total, xp.nan)
+        out["mean"] = total / self.npix_mean if self.npix_mean else xp.full_like(total, xp.nan)
         out["max"] = data.max(axis=axes)
         weights = xp.maximum(data, 0)
         w_rows = weights.sum(axis=-1)                       # (B, [seg,] rows)
@@ -139,5 +156,5 @@ class ROI(Feature):
         return {"bounds": np.array(self.bounds, np.int64),
                 "thresADU": np.array([np.nan if v is None else v for v in (self.lo, self.hi)]),
                 "writeArea": int(self.write_area),
-                "mask": self.params.get("mask", "cmask"),
+                "mask": self.params.get("mask", "cmask"), "meanOver": self.mean_over,
                 "userMask": np.asarray(self.backend.to_host(self.mask))}
