@@ -36,12 +36,18 @@ def frame_rms(constants: Constants, convention: str = "divide") -> np.ndarray:
     return constants.rms[0] * scale.reshape(shape)
 
 
-def build_feature(f, model, masks, backend, constants, input_shape=None, convention="divide"):
-    """One configured function; kinds that threshold in noise units get the noise in the
-    units of the frames (see frame_rms)."""
+def build_feature(f, model, masks, backend, constants, parent=None, convention="divide"):
+    """One configured function, on the detector's frames or on ``parent``'s output; kinds
+    that threshold in noise units get the noise in the units of the frames (see
+    frame_rms), cut as the parent cuts its frames (an ROI's noise for a function on the
+    ROI, as smalldata_tools' ROIFunc.addFunc hands it on)."""
     cls = FEATURES[f.kind]
-    extra = {"rms": frame_rms(constants, convention)} if cls.accepts_rms else {}
-    return cls(f.name, f.params, model, masks, backend, f.where, input_shape=input_shape, **extra)
+    extra = {}
+    if cls.accepts_rms:
+        rms = frame_rms(constants, convention)
+        extra["rms"] = rms if parent is None else parent.child_map(rms)
+    return cls(f.name, f.params, model, masks, backend, f.where,
+               input_shape=None if parent is None else parent.output_shape, **extra)
 
 
 def configured_geometry(cfg: DetectorConfig, model: DetectorModel):
@@ -103,8 +109,7 @@ class DetectorProcessor:
                                        or not FEATURES[f.kind].takes(parent)):
                 raise (f.where / "parent").error(f"a {f.kind} cannot take the output of "
                                                  f"{f.parent} ({parent.kind})")
-            feature = build_feature(f, model, self.masks, backend, self.constants,
-                                    None if parent is None else parent.output_shape,
+            feature = build_feature(f, model, self.masks, backend, self.constants, parent,
                                     cfg.gain_convention)
             if parent is not None:
                 self.parents[feature.name] = parent

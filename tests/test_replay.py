@@ -124,9 +124,9 @@ def test_cli_refuses_a_bad_config_before_writing(runs):
 def test_cli_refuses_roi_outside_and_missing_constants(runs):
     d, data, _, _ = runs
     text = (d / "run.yaml").read_text()
-    (d / "outside.yaml").write_text(text.replace("[20, 200]", "[20, 400]"))
+    (d / "outside.yaml").write_text(text.replace("[20, 200]", "[400, 500]"))
     r = gpusmd("replay", data, "--config", d / "outside.yaml", "-o", d / "o1.h5", cwd=d)
-    assert r.returncode == 2 and "functions[1].bounds" in r.stderr and "outside" in r.stderr
+    assert r.returncode == 2 and "functions[1].bounds" in r.stderr and "no pixel" in r.stderr
     (d / "nocalib.yaml").write_text(text.replace("constants.h5", "missing.h5"))
     r = gpusmd("replay", data, "--config", d / "nocalib.yaml", "-o", d / "o2.h5", cwd=d)
     assert r.returncode == 2 and "missing.h5 not found" in r.stderr

@@ -168,6 +168,12 @@ class Feature:
     def process(self, calib) -> dict:
         raise NotImplementedError
 
+    def child_map(self, per_pixel):
+        """A per-pixel map of the detector (its noise) as a chained function sees it:
+        cut as this function cuts the frames; None where its output is not those pixels."""
+        same = self.output_shape is not None and tuple(self.output_shape) == self.input_shape
+        return per_pixel if same and np.shape(per_pixel) == self.input_shape else None
+
     def config_items(self) -> dict:
         """Parameters for /UserDataCfg/<det>/<name>__<param>."""
         return {}

@@ -1,10 +1,12 @@
 """Projection (DESIGN §8): the input summed or averaged over one axis, as smalldata_tools'
 projectionFunc.
 
-Parameters: ``axis`` (required; an axis of one event's input, negative counts from the
-end), ``mean`` (false: sum), ``thresADU`` (a lower threshold, or [lo, hi]: values below lo
-and above hi count as 0, like the ROI), ``singlePhoton`` (every value left above 0 after
-the thresholds counts as 1), ``mask`` (a mask name, default cmask).
+Parameters: ``axis`` (an axis of one event's input; a negative one, the default -1 as in
+smalldata_tools, projects onto a single number: the sum or mean of the whole input),
+``mean`` (false: sum), ``thresADU`` (a lower threshold, or [lo, hi]: values below lo
+and above hi count as 0, like the ROI), ``thresRms`` (values below thresRms x the
+pixel's noise, in the frames' units, count as 0), ``singlePhoton`` (every value left
+above 0 after the thresholds counts as 1), ``mask`` (a mask name, default cmask).
 
 Choices, on purpose:
 
@@ -68,11 +70,12 @@ def apply_thresholds(xp, data, lo, hi):
 class Projection(Feature):
     kind = "projection"
     name_prefix = "pj"
-    PARAMS = ("axis", "mean", "thresADU", "singlePhoton", "mask")
+    PARAMS = ("axis", "mean", "thresADU", "thresRms", "singlePhoton", "mask")
+    accepts_rms = True
 
     @classmethod
     def default_name_for(cls, params, index):
-        axis = params.get("axis")
+        axis = params.get("axis", -1)
         if isinstance(axis, int) and not isinstance(axis, bool):
             return f"pj_ax_{abs(axis)}"
         return cls.default_name(index)
@@ -80,51 +83,62 @@ class Projection(Feature):
     @classmethod
     def check_params(cls, params, where):
         super().check_params(params, where)
-        if "axis" not in params:
-            raise (where / "axis").error("required key is missing")
-        check_type(params["axis"], (int,), where / "axis", "an integer axis")
+        check_type(params.get("axis", -1), (int,), where / "axis", "an integer axis")
+        if params.get("thresRms") is not None:
+            check_type(params["thresRms"], (int, float), where / "thresRms", "a number")
         check_bool(params, "mean", where)
         check_bool(params, "singlePhoton", where)
         parse_thresholds(params.get("thresADU"), where / "thresADU")
         check_mask_name(params, where)
 
-    def __init__(self, name, params, model, masks, backend, where, input_shape=None):
+    def __init__(self, name, params, model, masks, backend, where, input_shape=None, rms=None):
         super().__init__(name, params, model, masks, backend, where, input_shape)
         xp = backend.xp
         ndim = len(self.input_shape)
-        axis = int(params["axis"])
-        if not -ndim <= axis < ndim:
+        axis = int(params.get("axis", -1))
+        if axis >= ndim:
             raise (where / "axis").error(
                 f"axis {axis} is not an axis of the input (shape {self.input_shape})")
-        self.axis = axis % ndim                      # of one event's input
+        # smalldata_tools' projectionFunc: a negative axis gives one number per event
+        self.axis = None if axis < 0 else axis       # of one event's input
         self.mean = bool(params.get("mean", False))
         self.single_photon = bool(params.get("singlePhoton", False))
         self.lo, self.hi = parse_thresholds(params.get("thresADU"), where / "thresADU")
+        self.thres_rms = params.get("thresRms")
+        self.rms_cut = None
+        if self.thres_rms is not None:
+            if rms is None or np.shape(rms) != self.input_shape:
+                raise (where / "thresRms").error(
+                    f"a threshold in noise units needs the pixels' noise, which the input "
+                    f"(shape {self.input_shape}) does not have: use thresADU")
+            self.rms_cut = xp.asarray(np.float32(self.thres_rms) * np.asarray(rms, np.float32))
         mask = input_mask(self, params, where)
         self.mask = None if mask is None else xp.asarray(mask.astype(np.float32))
-        if mask is None:
-            count = np.full(self.input_shape[:self.axis] + self.input_shape[self.axis + 1:],
-                            self.input_shape[self.axis], np.float64)
-        else:
-            count = mask.sum(axis=self.axis, dtype=np.float64)
+        counted = np.ones(self.input_shape) if mask is None else mask
+        count = (counted.sum(dtype=np.float64) if self.axis is None
+                 else counted.sum(axis=self.axis, dtype=np.float64))
         with np.errstate(divide="ignore"):
             self.inv_count = xp.asarray(np.where(count > 0, 1.0 / count, np.nan))
-        self.output_shape = tuple(count.shape)
+        self.output_shape = tuple(np.shape(count))
 
     def process(self, calib):
         xp = self.backend.xp
-        if self.backend.is_gpu:         # one fused pass: thresholds, mask, sum or mean
+        if self.backend.is_gpu and self.axis is not None and self.rms_cut is None:
+            # one fused pass: thresholds, mask, sum or mean
             from ..cuda import project_gpu
             out = project_gpu(calib, self.axis, self.mask, self.inv_count if self.mean else None,
                               self.lo, self.hi, self.single_photon, self.mean)
             self.child_data = out
             return {"data": out}
         data = apply_thresholds(xp, calib, self.lo, self.hi)
+        if self.rms_cut is not None:
+            data = xp.where(data < self.rms_cut, xp.float32(0), data)
         if self.single_photon:
             data = (data > 0).astype(xp.float32)
         if self.mask is not None:
             data = data * self.mask
-        out = data.sum(axis=self.axis + 1, dtype=xp.float64)
+        axes = tuple(range(1, data.ndim)) if self.axis is None else self.axis + 1
+        out = data.sum(axis=axes, dtype=xp.float64)
         if self.mean:
             out = out * self.inv_count
         out = out.astype(xp.float32)
@@ -132,6 +146,8 @@ class Projection(Feature):
         return {"data": out}
 
     def config_items(self):
-        return {"axis": self.axis, "mean": int(self.mean), "singlePhoton": int(self.single_photon),
+        return {"axis": -1 if self.axis is None else self.axis, "mean": int(self.mean),
+                "thresRms": np.nan if self.thres_rms is None else float(self.thres_rms),
+                "singlePhoton": int(self.single_photon),
                 "thresADU": np.array([np.nan if v is None else v for v in (self.lo, self.hi)]),
                 "mask": "none" if self.mask is None else self.params.get("mask", "cmask")}

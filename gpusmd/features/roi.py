@@ -152,6 +152,9 @@ class ROI(Feature):
             out["area"] = data.astype(xp.float32)
         return out
 
+    def child_map(self, per_pixel):
+        return np.asarray(per_pixel)[self.slices]
+
     def config_items(self):
         return {"bounds": np.array(self.bounds, np.int64),
                 "thresADU": np.array([np.nan if v is None else v for v in (self.lo, self.hi)]),
