@@ -4,10 +4,13 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import warnings
 
-from .backend import BACKEND_CHOICES
+from .backend import BACKEND_CHOICES, BackendFallbackWarning
 from .errors import GpusmdError
 
+BACKEND_HELP = ("where to run (default: $GPUSMD_BACKEND, else the config's backend, else auto: "
+                "the GPU when CuPy can run a kernel there)")
 SOURCE_HELP = ("raw HDF5 file, XTC2 file or directory, or psana source "
                "(exp=EXP:run=N[:dir=DIR], shmem=NAME)")
 
@@ -47,13 +50,15 @@ def cmd_replay(args):
     config = load_config(args.config)
     output = check_new_output(args.output, args.force)
     if args.via_services:
+        from .backend import backend_name
         from .services.run import replay_via_services
         output.unlink(missing_ok=True)      # --force: the sink never replaces a file
         summary = replay_via_services(args.raw, args.config, args.output, args.workers,
-                                      args.backend or config.backend, max_events=args.max_events)
+                                      backend_name(args.backend, config.backend),
+                                      max_events=args.max_events)
     else:
         from .replay import replay
-        backend = get_backend(args.backend or config.backend)
+        backend = get_backend(args.backend, config=config.backend)
         summary = replay(args.raw, config, args.output, backend, batch_size=args.batch_size,
                          progress=not args.quiet, max_events=args.max_events, force=args.force)
     print(f"{summary.n_events} events in {summary.seconds:.2f} s "
@@ -87,7 +92,7 @@ def cmd_worker(args):
     from .backend import get_backend
     from .services.worker import Worker
     config = service_config(args)
-    Worker(config, get_backend(args.backend or config.backend), name=args.name,
+    Worker(config, get_backend(args.backend, config=config.backend), name=args.name,
            once=args.once, metrics_port=args.metrics_port, delay_s=args.delay_ms / 1000).run()
 
 
@@ -105,8 +110,11 @@ def cmd_publish(args):
 
 
 def cmd_up(args):
+    from .backend import backend_name
+    from .config import load_config
     from .services.run import serve_locally
-    serve_locally(args.config, args.output, args.workers, args.backend)
+    serve_locally(args.config, args.output, args.workers,
+                  backend_name(args.backend, load_config(args.config).backend))
 
 
 def cmd_keys(args):
@@ -208,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("raw", help=SOURCE_HELP)
     s.add_argument("--config", required=True)
     s.add_argument("-o", "--output", required=True)
-    s.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
+    s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--max-events", type=int, default=None)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -225,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_service_args(s)
         s.set_defaults(func=func)
         if name == "worker":
-            s.add_argument("--backend", choices=BACKEND_CHOICES, default=None)
+            s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
             s.add_argument("--name", help="worker name (default host-pid)")
             s.add_argument("--delay-ms", type=float, default=0.0,
                            help="sleep this long per batch (to test re-sends)")
@@ -247,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", required=True)
     s.add_argument("-o", "--output", default="{experiment}_Run{run:04d}.h5")
     s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("keys", help="generate CurveZMQ keys for the links between services")
@@ -263,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outdir", default="demo_out")
     s.add_argument("--detector", default="epix10kquad")
     s.add_argument("--events", type=int, default=100)
-    s.add_argument("--backend", choices=BACKEND_CHOICES, default="auto")
+    s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("constants", help="convert calibration constants to and from psana's")
@@ -295,10 +303,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_format_other_warning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None):
+    """A backend that falls back to the CPU says so in one line, like the errors."""
+    if issubclass(category, BackendFallbackWarning):
+        return f"gpusmd: warning: {message}\n"
+    return _format_other_warning(message, category, filename, lineno, line)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (docker stop, the local launcher) unwinds like Ctrl-C: sockets and files close
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    warnings.formatwarning = _format_warning
     try:
         args.func(args)
     except GpusmdError as e:

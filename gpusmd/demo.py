@@ -40,8 +40,9 @@ def demo_config(model, constants: Path) -> str:
         """)
 
 
-def run_demo(outdir, detector="epix10kquad", n_events=100, backend="auto", n_dark=10,
+def run_demo(outdir, detector="epix10kquad", n_events=100, backend=None, n_dark=10,
              plots=True, n_workers=2):
+    """``backend``: cpu, gpu or auto; None: ``$GPUSMD_BACKEND``, else auto."""
     from .calib.dark import process_dark
     from .io.compare import diff_files
     from .replay import replay

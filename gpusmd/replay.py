@@ -150,9 +150,10 @@ def replay(source, config: Config, out_path, backend: Backend | None = None,
            batch_size: int | None = None, progress: bool = True,
            max_events: int | None = None, force: bool = False) -> ReplaySummary:
     """Reduce the run ``source`` (a raw HDF5 file, an XTC2 file or directory, a psana
-    DataSource string) into ``out_path`` (an existing file is refused unless ``force``)."""
+    DataSource string) into ``out_path`` (an existing file is refused unless ``force``).
+    Without ``backend``: ``$GPUSMD_BACKEND``, else the config's, else auto."""
     out_path = check_new_output(out_path, force)
-    backend = backend or get_backend(config.backend)
+    backend = backend or get_backend(config=config.backend)
     batch = batch_size or config.batch_size
     with open_run(source, list(config.detectors)) as run:
         procs = build_processors(config, RunInfo.from_run(
