@@ -14,7 +14,8 @@ Three ways to run the same source:
   synchronises (``__syncthreads``, warp shuffles and votes).
 
 The kernels live in the package data ``gpusmd.kernels`` (the repository's ``kernels/``
-folder, also used directly from a source checkout).
+folder, also used directly from a source checkout run without installing, e.g.
+``PYTHONPATH=. python -m gpusmd ...``).
 """
 from __future__ import annotations
 
@@ -109,16 +110,17 @@ def compile_ptx(name: str | os.PathLike, arch: str = "compute_80", *, source: st
     try:
         from cupy.cuda import nvrtc
     except Exception as e:  # no CuPy at all
+        from .backend import nvrtc_hint
         raise GpusmdError(f"compiling {path.name} needs CuPy's NVRTC bindings "
-                          f"(pip install .[test]): {e}") from None
+                          f"({nvrtc_hint()}): {e}") from None
     opts = [f"-arch={arch}", NVRTC_STD, f"-I{kernel_dir()}", *options]
     if path.parent != kernel_dir():
         opts.append(f"-I{path.parent}")
     try:
         prog = nvrtc.createProgram(source, path.name, [], [])
     except Exception as e:  # NVRTC library missing or unloadable
-        raise GpusmdError(f"{path.name}: NVRTC is not usable here "
-                          f"(install nvidia-cuda-nvrtc-cu12): {e}") from None
+        from .backend import nvrtc_hint
+        raise GpusmdError(f"{path.name}: NVRTC is not usable here ({nvrtc_hint()}): {e}") from None
     try:
         try:
             nvrtc.compileProgram(prog, opts)
@@ -136,7 +138,8 @@ def _cupy():
     try:
         import cupy
     except Exception as e:
-        raise GpusmdError(f"the GPU backend needs CuPy (pip install .[gpu]): {e}") from None
+        from .backend import install_hint
+        raise GpusmdError(f"the GPU backend needs CuPy ({install_hint()}): {e}") from None
     return cupy
 
 
