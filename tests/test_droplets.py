@@ -290,7 +290,8 @@ def test_bad_params(params, key):
 
 @pytest.mark.parametrize("photpts, why", [
     ([0, 10], "at least 3"), ([0, 20, 10], "increasing"), ([0, 10, 10], "increasing"),
-    ("0 10 20", "list"), ([0, "10", 20], r"\[1\]: expected a number"), ([0, 10, float("inf")], "finite")])
+    ("0 10 20", "list"), ([0, "10", 20], r"\[1\]: expected a number"),
+    ([0, 10, float("inf")], "finite")])
 def test_bad_photpts(photpts, why):
     with pytest.raises(ConfigError, match=rf"droplet\.photpts.*{why}"):
         Droplet2Photons.check_params({"aduspphot": 10, "photpts": photpts}, W)
@@ -444,7 +445,7 @@ def test_pixmax_is_in_frame_units_with_rms_thresholds():
     f = np.zeros((1, 10, 12), np.float32)
     f[0, 2, 2] = 30          # > 5 x rms 2, < pixmax 40
     f[0, 6, 6] = 50          # > pixmax 40 (= 20 rms)
-    p = {"pixmax": 40, "photpts": None}
+    p = {"pixmax": 40}
     out = run(build(Droplet2Photons, {**p, "aduspphot": 30},
                     rms=np.full(CAM.shape, 2.0, np.float32)), f)
     np.testing.assert_array_equal(out["nPhotons"], [1])

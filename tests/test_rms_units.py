@@ -45,13 +45,15 @@ def test_threshold_is_rms_times_threshold_in_frame_units(convention, noise):
 # ---- simulated runs ---------------------------------------------------------------------
 @pytest.mark.parametrize("detector", ["jungfrau05M", "epix10kquad"])
 def test_droplet_photons_match_simulation_on_multigain(tmp_path, detector):
-    """Default rms-unit thresholds (5 and 3 sigma) on keV frames of a multi-gain detector:
-    droplet2photons counts the simulated photons within 5%."""
+    """Default droplet settings (smalldata_tools/ana_funcs/droplet.py, dropletFunc: seeds
+    and growth at 5 rms, no thresADU cut) and droplet2photons' default photpts
+    (droplet2Photons.py: a droplet of less than half a photon counts none) on keV frames
+    of a multi-gain detector: the simulated photons are counted within 5%."""
     kev = 9.5
     kw = {"detector": detector, "seed": 3, "common_mode_scale": 0.0}
-    simulate_run(tmp_path / "dark.h5", n_events=20, dark=True, **kw)
+    simulate_run(tmp_path / "dark.h5", n_events=10, dark=True, **kw)
     process_dark(tmp_path / "dark.h5", tmp_path / "c.h5")
-    data = simulate_run(tmp_path / "data.h5", n_events=6, photons_per_pixel=0.002,
+    data = simulate_run(tmp_path / "data.h5", n_events=4, photons_per_pixel=0.002,
                         bragg_spots=0, photon_energy_kev=kev, **kw)
     (tmp_path / "run.yaml").write_text(textwrap.dedent(f"""\
         detectors:
@@ -59,8 +61,8 @@ def test_droplet_photons_match_simulation_on_multigain(tmp_path, detector):
             calib: c.h5
             common_mode: 0
             functions:
-              - {{kind: droplet, thresADU: {kev / 2}}}
-              - {{kind: droplet2photons, thresADU: {kev / 2}, aduspphot: {kev}}}
+              - {{kind: droplet}}
+              - {{kind: droplet2photons, aduspphot: {kev}}}
         """))
     out = tmp_path / "out.h5"
     replay(data, load_config(tmp_path / "run.yaml"), out, get_backend(), progress=False)
@@ -72,5 +74,8 @@ def test_droplet_photons_match_simulation_on_multigain(tmp_path, detector):
         ev, pix, dep = (t[k][()] for k in ("deposit_event", "deposit_pixel", "deposit_keV"))
     truth = np.bincount(ev, weights=dep * good[pix], minlength=len(got)) / kev
     assert truth.sum() > 1000
+    print(f"{detector}: {got.sum()} photons counted, {truth.sum():.1f} simulated, "
+          f"{ndrop.sum()} droplets")
     assert abs(got.sum() - truth.sum()) < 0.05 * truth.sum()
-    assert 0.8 * got.sum() < ndrop.sum() <= got.sum()
+    # no thresADU cut: the droplets include noise seeds, which hold no photon
+    assert 0.8 * got.sum() < ndrop.sum()

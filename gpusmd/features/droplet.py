@@ -1,39 +1,47 @@
 """Droplets (DESIGN §8): connected regions of lit pixels, one record per droplet.
 
-Algorithm (per event and per segment; no region ever crosses a segment or an event):
+The rules are smalldata_tools' (smalldata_tools/ana_funcs/droplet.py, dropletFunc), per
+event and per segment (no region ever crosses a segment or an event):
 
-1. seeds: good pixels (mask ``mask``, default cmask) with value > ``threshold``
-   (x rms per pixel when ``useRms``, else calibrated units). The rms is the noise in
-   the frames' units: the dark run's rms (ADU) of gain range 0 converted as the
-   calibration converts gain range 0 (/ gain with gain_convention ``divide``, x gain
-   with ``multiply``, as is with ``none``), one map per run. This is smalldata_tools'
-   rms[0] / gain[0]: a threshold decides on dim pixels, which are in the high gain; a
-   pixel switched to a lower range holds a signal far above it. (An epix10k auto
-   ranging in AML starts in AML_M, noisier in keV than FH: 5 FH rms are fewer AML_M
-   rms there, more noise seeds, which the thresADU cut on the droplet sum removes.)
-2. label the 4-connected regions of seeds: one ``ndimage.label`` call per batch on the
-   (B, nseg, rows, cols) stack, with a structure that connects only along rows and
-   columns (scipy.ndimage on the CPU, cupyx.scipy.ndimage on the GPU);
-3. grow every region by one pixel: an unlabelled good pixel with value > ``thresholdLow``
-   (same units as threshold) that touches a region (4-neighbours) joins it. A pixel
-   touching two droplets joins the one of its **brightest labelled neighbour** (ties:
-   first of up, down, left, right) -- deterministic and the same on both backends;
-   growth is one step only (grown pixels do not grow further);
+1. lit pixels: good pixels (mask ``mask``, default cmask) whose value is not 0 and, with
+   ``pixmax`` set, not above pixmax (calibrated units: a cap that keeps hot or saturated
+   pixels out of every droplet; smalldata's prepareImg);
+2. seeds: lit pixels with value >= ``threshold`` (x rms per pixel when ``useRms``, else
+   calibrated units). The rms is the noise in the frames' units: the dark run's rms (ADU)
+   of gain range 0 converted as the calibration converts gain range 0 (/ gain with
+   gain_convention ``divide``, x gain with ``multiply``, as is with ``none``), one map per
+   run. This is smalldata_tools' rms[0] / gain[0]: a threshold decides on dim pixels,
+   which are in the high gain; a pixel switched to a lower range holds a signal far above
+   it. Seeds are labelled in 4-connected regions: one ``ndimage.label`` call per batch on
+   the (B, nseg, rows, cols) stack, with a structure that connects only along rows and
+   columns (scipy.ndimage on the CPU, cupyx.scipy.ndimage on the GPU; both number the
+   regions in raster order of their first pixel);
+3. growth, only when thresholdLow differs from threshold: a lit pixel with value >=
+   ``thresholdLow`` (same units as threshold) that is a seed or touches one (4-neighbours;
+   smalldata's maximum filter of the labels) is kept; growth is one step only.
+   ``relabel`` (default true): the kept pixels are labelled again, so droplets that touch
+   after growing merge into one. ``relabel: false``: no merge, the droplets are the
+   seeds' regions and a grown pixel joins its neighbouring droplet of the largest label
+   (smalldata's maximum filter), or with ``joinBrightest: true`` the droplet of its
+   brightest seed neighbour (ties: first of up, down, left, right);
 4. per droplet: data = sum of the values (calibrated units, "ADU"), npix, row / col =
-   centre of mass weighted by the values (all > thresholdLow >= 0, so positive), in the
-   segment's pixel coordinates, tile = segment index (0 for unsegmented detectors);
-5. droplets whose sum is below ``thresADU`` are dropped (kept: data >= thresADU);
-   nDroplets_all counts them before that cut, nDroplets after it.
+   centre of mass weighted by the values, in the segment's pixel coordinates, tile =
+   segment index (0 for unsegmented detectors);
+5. with ``thresADU`` set, droplets whose sum is below it are dropped (kept: data >=
+   thresADU); nDroplets_all counts them before that cut, nDroplets after it.
 
-Records are ordered per event by the raster position (segment, row, col) of each
-droplet's first seed pixel. Output: ``nDroplets``, ``nDroplets_all`` (B,) and either a
-:class:`Ragged` (variable length, written as var_<name>/{data,npix,row,col,tile}) or,
-when ``nData`` is set, fixed arrays ``data, npix, row, col, tile`` (B, nData) holding the
-first nData droplets, zero-padded.
+Defaults are smalldata's: threshold 5, thresholdLow = threshold, no thresADU, no pixmax,
+useRms true, relabel true.
 
-Defaults follow smalldata_tools (threshold 5, thresholdLow 3, thresADU 10, useRms true).
-``pixmax`` (smalldata's cap on stored pixels per droplet, for the pixel-level droplet
-output) is not implemented: this function stores no per-pixel lists.
+Records are ordered per event by their label (raster position of each droplet's first
+pixel). Output: ``nDroplets``, ``nDroplets_all`` (B,) and either a :class:`Ragged`
+(variable length, written as var_<name>/{data,npix,row,col,tile}) or, when ``nData`` is
+set, fixed arrays ``data, npix, row, col, tile`` (B, nData) holding the first nData
+droplets, zero-padded.
+
+Memory (GPU): per pixel of a batch the finder holds the float32 frames (a view when the
+calibrated batch is float32), a few bool maps and two int32 label maps at its peak, see
+:func:`finder_bytes_per_pixel`.
 
 Chaining: a droplet feeds its droplets to children (``parent: droplet``). Its
 ``output_shape`` is a :class:`DropletOutput` (its input shape, marked, carrying its
@@ -41,8 +49,7 @@ finder) and its ``child_data`` a :class:`Droplets` (the per-droplet records befo
 nData cut, the label map, the frames). A ``droplet2photons`` chained on a droplet uses
 them instead of finding droplets again -- same results as a standalone droplet2photons
 with the droplet's parameters; it must then not set the droplet parameters itself
-(threshold, thresholdLow, thresADU, useRms, mask: a config error naming the key). Other
-kinds cannot take a droplet's output.
+(DROPLET_KEYS: a config error naming the key). Other kinds cannot take a droplet's output.
 """
 from __future__ import annotations
 
@@ -131,23 +138,86 @@ def pack(xp, event, fields: dict, nevents: int, ndata):
     return out
 
 
-def check_common(params, where, extra_numbers=()):
-    for key in ("threshold", "thresholdLow", "thresADU", *extra_numbers):
+def _optional_number(params, key, where):
+    """A number or null (not set); NaN refused."""
+    value = params.get(key)
+    if value is not None:
+        check_type(value, NUMBER, where / key, "a number or null")
+        if value != value:
+            raise (where / key).error("expected a number or null, got NaN")
+    return value
+
+
+def check_common(params, where):
+    """The droplet finder's parameters (DROPLET_KEYS), with smalldata's defaults."""
+    for key in ("threshold", "thresholdLow"):
         if key in params:
             check_type(params[key], NUMBER, where / key, "a number")
-    check_type(params.get("useRms", True), (bool,), where / "useRms", "true or false")
+    for key in ("useRms", "relabel", "joinBrightest"):
+        if key in params:
+            check_type(params[key], (bool,), where / key, "true or false")
     thr = params.get("threshold", 5.0)
-    low = params.get("thresholdLow", 3.0)
+    low = params.get("thresholdLow", thr)
     if not thr > 0:
         raise (where / "threshold").error(f"must be > 0, got {thr}")
     if not 0 <= low <= thr:
         raise (where / "thresholdLow").error(f"must be in [0, threshold = {thr}], got {low}")
+    _optional_number(params, "thresADU", where)
+    pixmax = _optional_number(params, "pixmax", where)
+    if pixmax is not None and not pixmax > 0:
+        raise (where / "pixmax").error(f"must be > 0 (pixels above it are left out), "
+                                       f"got {pixmax}")
+    if params.get("joinBrightest") and params.get("relabel", True):
+        raise (where / "joinBrightest").error("chooses the droplet a grown pixel joins "
+                                              "without merging: needs relabel: false")
     check_ndata(params, where)
     if "mask" in params:
         check_type(params["mask"], (str,), where / "mask", "a mask name")
 
 
-DROPLET_KEYS = ("threshold", "thresholdLow", "thresADU", "useRms", "mask")
+DROPLET_KEYS = ("threshold", "thresholdLow", "thresADU", "useRms", "mask", "pixmax",
+                "relabel", "joinBrightest")
+
+# (destination, source) slices of (..., rows, cols): the up, down, left, right neighbour
+_SHIFTS = tuple(
+    ((Ellipsis, *d), (Ellipsis, *s)) for d, s in (
+        ((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
+        ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+        ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+        ((slice(None), slice(None, -1)), (slice(None), slice(1, None)))))
+
+
+def touching(a):
+    """``a`` or any of its 4-neighbours, within each image of (..., rows, cols) bools."""
+    out = a.copy()
+    for dst, src in _SHIFTS:
+        out[dst] |= a[src]
+    return out
+
+
+def join_neighbour(xp, labels, grown, key):
+    """Labels for the grown pixels without merging: each unlabelled grown pixel takes the
+    label of its labelled 4-neighbour of the largest ``key`` (ties: first of up, down,
+    left, right). ``key`` > -1 on labelled pixels."""
+    best_key = xp.full(labels.shape, -1, key.dtype)
+    best_lab = xp.zeros_like(labels)
+    for dst, src in _SHIFTS:
+        better = (labels[src] > 0) & (key[src] > best_key[dst])
+        best_key[dst] = xp.where(better, key[src], best_key[dst])
+        best_lab[dst] = xp.where(better, labels[src], best_lab[dst])
+    del best_key
+    return xp.where(grown & (labels == 0), best_lab, labels)
+
+
+def finder_bytes_per_pixel(params: dict | None = None) -> int:
+    """Device bytes per pixel of a batch the finder holds at its peak (the growth step):
+    frames float32 (4), lit / grown / touching / comparison bools (4 x 1), seed labels
+    and new labels int32 (2 x 4); without relabel, the join's key, label and temporaries
+    (about 3 x 4 more). The per-droplet records are per lit pixel, not counted."""
+    params = params or {}
+    if params.get("relabel", True):
+        return 4 + 4 + 2 * 4
+    return 4 + 4 + 5 * 4
 
 
 class DropletOutput(tuple):
@@ -164,7 +234,7 @@ class DropletOutput(tuple):
 class Droplets:
     """A droplet's ``child_data`` for one batch: what :meth:`DropletFinder.__call__`
     returns (``drops``: kept droplets sorted by event, all fields, before nData; ``labels``
-    (B, nseg, rows, cols): kept droplet index + 1, else 0; ``values``: the frames as
+    (B, nseg, rows, cols) int32: kept droplet index + 1, else 0; ``values``: the frames as
     (B, nseg, rows, cols) float32; ``n_all`` (B,))."""
     drops: dict
     labels: object
@@ -205,9 +275,13 @@ class DropletFinder:
         self.shape = tuple(input_shape)
         self.seg = seg_shape(self.shape)
         self.threshold = float(params.get("threshold", 5.0))
-        self.threshold_low = float(params.get("thresholdLow", 3.0))
-        self.thres_adu = float(params.get("thresADU", 10.0))
+        self.threshold_low = float(params.get("thresholdLow", self.threshold))
+        thres_adu, pixmax = params.get("thresADU"), params.get("pixmax")
+        self.thres_adu = None if thres_adu is None else float(thres_adu)
+        self.pixmax = None if pixmax is None else float(pixmax)
         self.use_rms = bool(params.get("useRms", True))
+        self.relabel = bool(params.get("relabel", True))
+        self.join_brightest = bool(params.get("joinBrightest", False))
         self.mask_name = params.get("mask", "cmask")
         if self.mask_name not in masks:
             raise (where / "mask").error(f"unknown mask {self.mask_name!r} "
@@ -233,10 +307,42 @@ class DropletFinder:
             self.thr, self.thr_low = xp.float32(self.threshold), xp.float32(self.threshold_low)
         self.structure = xp.asarray(structure_4conn())
 
+    def config_items(self) -> dict:
+        """The finder's parameters for /UserDataCfg (unset thresADU / pixmax left out,
+        as smalldata leaves out its None parameters)."""
+        items = {"threshold": self.threshold, "thresholdLow": self.threshold_low,
+                 "useRms": int(self.use_rms), "relabel": int(self.relabel),
+                 "joinBrightest": int(self.join_brightest), "mask": self.mask_name}
+        if self.thres_adu is not None:
+            items["thresADU"] = self.thres_adu
+        if self.pixmax is not None:
+            items["pixmax"] = self.pixmax
+        return items
+
+    def label_map(self, v):
+        """(B, nseg, R, C) float32 frames -> (int32 labels 1..n, 0 elsewhere; n)."""
+        xp = self.xp
+        lit = (v != 0) & self.good
+        if self.pixmax is not None:
+            lit &= v <= xp.float32(self.pixmax)
+        seeds = lit & (v >= self.thr)
+        labels, n = self.ndi.label(seeds, structure=self.structure)
+        if self.threshold_low == self.threshold:   # smalldata grows only then
+            return labels, int(n)
+        grown = lit                                # in place: lit is not needed again
+        grown &= v >= self.thr_low                 # seeds included: thr_low <= thr
+        grown &= touching(seeds)
+        del seeds
+        if self.relabel:
+            del labels
+            labels, n = self.ndi.label(grown, structure=self.structure)
+            return labels, int(n)
+        return join_neighbour(xp, labels, grown, v if self.join_brightest else labels), int(n)
+
     def __call__(self, calib):
-        """-> dict of per-droplet arrays (kept droplets, sorted by event), the label map
-        (B, nseg, rows, cols) with dropped droplets set to 0 and the droplet index + 1 of
-        the kept ones, the values (B, nseg, rows, cols), nDroplets_all (B,).
+        """-> dict of per-droplet arrays (kept droplets, sorted by event), the int32 label
+        map (B, nseg, rows, cols) with dropped droplets set to 0 and the droplet index + 1
+        of the kept ones, the values (B, nseg, rows, cols), nDroplets_all (B,).
         ``calib`` may be a parent droplet's :class:`Droplets` (returned unchanged)."""
         if isinstance(calib, Droplets):
             return calib.drops, calib.labels, calib.values, calib.n_all
@@ -246,19 +352,7 @@ class DropletFinder:
         B = calib.shape[0]
         nseg, R, C = self.seg
         v = xp.asarray(calib, xp.float32).reshape(B, nseg, R, C)
-        seeds = (v > self.thr) & self.good
-        labels, n = self.ndi.label(seeds, structure=self.structure)
-        labels = labels.astype(xp.int64)
-        n = int(n)
-        # grow by one pixel into good unlabelled pixels above thresholdLow
-        low = (v > self.thr_low) & self.good & (labels == 0)
-        best_lab = xp.zeros_like(labels)
-        best_val = xp.full(v.shape, -xp.inf, xp.float32)
-        for nl, nv in zip(neighbours(labels), neighbours(v)):
-            better = (nl > 0) & (nv > best_val)
-            best_lab = xp.where(better, nl, best_lab)
-            best_val = xp.where(better, nv, best_val)
-        labels = xp.where(low & (best_lab > 0), best_lab, labels)
+        labels, n = self.label_map(v)
 
         flat = labels.reshape(-1)
         vf = v.reshape(-1)
@@ -280,12 +374,13 @@ class DropletFinder:
         tile_of[lab] = pix // (R * C)
         ev_of, tile_of = ev_of[1:], tile_of[1:]
         n_all = xp.bincount(ev_of, minlength=B)[:B] if n else xp.zeros(B, xp.int64)
-        # order by (event, label): the label order of the backend may not be raster order
-        order = xp.argsort(ev_of * size + xp.arange(1, size, dtype=xp.int64))
-        keep = order[adu[order] >= self.thres_adu]
+        # labels are numbered in raster order, events outermost: already sorted by event
+        keep = xp.arange(n, dtype=xp.int64)
+        if self.thres_adu is not None:
+            keep = keep[adu >= self.thres_adu]
         # new ids: kept droplet k (in output order) -> k + 1, dropped -> 0
-        new_id = xp.zeros(size, xp.int64)
-        new_id[keep + 1] = xp.arange(1, keep.size + 1, dtype=xp.int64)
+        new_id = xp.zeros(size, xp.int32)
+        new_id[keep + 1] = xp.arange(1, keep.size + 1, dtype=xp.int32)
         labels = new_id[labels]
         drops = {"event": ev_of[keep], "data": adu[keep], "npix": npix[keep],
                  "row": com_r[keep], "col": com_c[keep], "tile": tile_of[keep]}
@@ -297,7 +392,7 @@ class Droplet(Feature):
     kind = "droplet"
     accepts_rms = True          # the builder passes the noise in the frames' units
     name_prefix = "droplet"
-    PARAMS = ("threshold", "thresholdLow", "thresADU", "useRms", "nData", "mask")
+    PARAMS = (*DROPLET_KEYS, "nData")
 
     @classmethod
     def check_params(cls, params, where):
@@ -333,7 +428,5 @@ class Droplet(Feature):
         return out
 
     def config_items(self):
-        f = self.finder
-        return {"threshold": f.threshold, "thresholdLow": f.threshold_low,
-                "thresADU": f.thres_adu, "useRms": int(f.use_rms),
-                "nData": -1 if self.ndata is None else int(self.ndata), "mask": f.mask_name}
+        return {**self.finder.config_items(),
+                "nData": -1 if self.ndata is None else int(self.ndata)}

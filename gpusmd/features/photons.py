@@ -2,21 +2,28 @@
 
 droplet2photons
 ---------------
-Finds droplets exactly like :mod:`gpusmd.features.droplet` (same parameters; droplets
-below thresADU are dropped; chained on a droplet, ``parent: droplet``, it takes that
-droplet's droplets and must not repeat its parameters) and turns each into
-n = round(data / aduspphot) photons:
+Finds droplets exactly like :mod:`gpusmd.features.droplet` (same parameters and
+defaults; chained on a droplet, ``parent: droplet``, it takes that droplet's droplets and
+must not repeat its parameters) and turns each into photons as smalldata_tools'
+droplet2Photons does (smalldata_tools/ana_funcs/droplet2Photons.py, process; loopdrops):
 
-- n = 0: no photon;
-- n = 1: one photon at the pixel nearest the droplet's centre of mass (row / col rounded;
-  for an odd-shaped droplet that pixel may lie just outside it);
+- n photons per droplet from ``photpts``, the droplet-sum boundaries: n = k where
+  photpts[k] <= data < photpts[k + 1], k >= 1; a droplet below photpts[1] or at or above
+  the last boundary gives none. Default (smalldata's): photpts[k] = (k - 1/2) x
+  aduspphot for k = 0 .. 999999, i.e. n = floor(data / aduspphot + 1/2);
+- n = 1: one photon at the pixel nearest the droplet's centre of mass (row / col rounded
+  half up, as smalldata's probability histogram bins them; for an odd-shaped droplet that
+  pixel may lie just outside it);
 - n >= 2: greedy placement: n times, put a photon on the droplet pixel with the largest
   remaining value and subtract aduspphot from it. Computed without a loop: the
   placements of the greedy are the n largest of the candidates v_p - j x aduspphot
   (j = 0, 1, ...) over the droplet's pixels p (each pixel's candidates decrease, so the
   greedy merges the sorted lists); only candidates above (sum - n x aduspphot) / npix
   can be among them, so about n + npix candidates per droplet are built, sorted and
-  the first n kept (ties broken by pixel order).
+  the first n kept (ties broken by pixel order). This puts floor(v_p / aduspphot)
+  photons on every pixel and the rest on the largest remainders, as smalldata's
+  greedyguess does; greedyguess also takes the part of a photon missing from a remainder
+  off its largest neighbour's remainder and stores sub-pixel positions.
 
 Fields: ``nPhotons`` (B,) (all photons), ``prob`` (B, 11): over the good pixels of the
 mask, the fraction of pixels holding k = 0..10 photons (pixels with more than 10 count
@@ -24,7 +31,6 @@ in no bin), ``mean`` (B,): photons on good pixels per good pixel (speckle-contra
 input), and the photon records ``row, col, tile`` (integer pixel; one record per photon,
 a pixel with k photons gives k records; ordered by raster position per event) as a
 :class:`Ragged`, or fixed (B, nData) zero-padded arrays when ``nData`` is set.
-smalldata's ``photpts`` is not implemented.
 
 photons
 -------
@@ -48,6 +54,7 @@ import numpy as np
 from ..config import check_type
 from . import Feature, check_ndata, register
 from .droplet import (
+    DROPLET_KEYS,
     DropletFinder,
     check_common,
     neighbours,
@@ -58,6 +65,7 @@ from .droplet import (
 
 NUMBER = (int, float)
 NPROB = 11
+NPHOTPTS = 1000000      # smalldata's default photpts: (arange(1000000) - 1/2) x aduspphot
 
 
 def _positive(params, key, where, default=None):
@@ -69,6 +77,23 @@ def _positive(params, key, where, default=None):
     if not value > 0:
         raise (where / key).error(f"must be > 0, got {value}")
     return value
+
+
+def _photpts(params, where):
+    """photpts: null or a list of >= 3 increasing numbers (ADU) -> float64 array."""
+    pts = params.get("photpts")
+    if pts is None:
+        return None
+    w = where / "photpts"
+    check_type(pts, (list, tuple), w, "a list of droplet-sum boundaries (ADU)")
+    for i, value in enumerate(pts):
+        check_type(value, NUMBER, w / i, "a number")
+    pts = np.asarray(pts, np.float64)
+    if pts.size < 3:
+        raise w.error(f"needs at least 3 boundaries (0, 1 and 2 photons), got {pts.size}")
+    if not np.all(np.isfinite(pts)) or not np.all(np.diff(pts) > 0):
+        raise w.error("must be finite and increasing")
+    return pts
 
 
 def _records_from_counts(xp, count, nevents, ndata):
@@ -88,7 +113,7 @@ class Droplet2Photons(Feature):
     kind = "droplet2photons"
     accepts_rms = True
     name_prefix = "droplet2photons"
-    PARAMS = ("threshold", "thresholdLow", "thresADU", "useRms", "nData", "mask", "aduspphot")
+    PARAMS = (*DROPLET_KEYS, "nData", "aduspphot", "photpts")
 
     @classmethod
     def takes(cls, parent) -> bool:         # frames, or a droplet parent's droplets
@@ -99,6 +124,7 @@ class Droplet2Photons(Feature):
         super().check_params(params, where)
         check_common(params, where)
         _positive(params, "aduspphot", where)
+        _photpts(params, where)
 
     def __init__(self, name, params, model, masks, backend, where, input_shape=None, rms=None):
         super().__init__(name, params, model, masks, backend, where, input_shape)
@@ -107,7 +133,18 @@ class Droplet2Photons(Feature):
         self.finder = DropletFinder(params, input_shape or self.input_shape, masks, backend,
                                     where, rms)
         self.adu = float(_positive(params, "aduspphot", where))
+        self.photpts = _photpts(params, where)
         self.ndata = params.get("nData")
+
+    def photons_per_droplet(self, data):
+        """n photons of droplets of sum ``data`` (see the module docstring)."""
+        xp = self.backend.xp
+        if self.photpts is None:
+            k = xp.floor(data / self.adu + 0.5).astype(xp.int64)
+            return xp.where((k >= 1) & (k < NPHOTPTS - 1), k, 0)
+        pts = xp.asarray(self.photpts)
+        k = xp.searchsorted(pts, data, side="right") - 1
+        return xp.where((k >= 1) & (data < pts[-1]), k, 0)
 
     def process(self, calib):
         xp = self.backend.xp
@@ -117,14 +154,14 @@ class Droplet2Photons(Feature):
         npix_ev = nseg * R * C
         drops, labels, v, _ = f(calib)
         nd = drops["data"].size
-        nph = xp.rint(drops["data"] / self.adu).astype(xp.int64)       # (ndrop,)
+        nph = self.photons_per_droplet(drops["data"])                  # (ndrop,)
         size = B * npix_ev
         count = xp.zeros(size, xp.int64)
         # single photons: at the pixel nearest the centre of mass
         one = xp.flatnonzero(nph == 1)
         if one.size:
-            r = xp.clip(xp.rint(drops["row"][one]), 0, R - 1).astype(xp.int64)
-            c = xp.clip(xp.rint(drops["col"][one]), 0, C - 1).astype(xp.int64)
+            r = xp.clip(xp.floor(drops["row"][one] + 0.5), 0, R - 1).astype(xp.int64)
+            c = xp.clip(xp.floor(drops["col"][one] + 0.5), 0, C - 1).astype(xp.int64)
             at = drops["event"][one] * npix_ev + drops["tile"][one] * (R * C) + r * C + c
             count += xp.bincount(at, minlength=size)
         # several photons: greedy on the brightest pixels (see the module docstring)
@@ -166,10 +203,11 @@ class Droplet2Photons(Feature):
         return out
 
     def config_items(self):
-        f = self.finder
-        return {"threshold": f.threshold, "thresholdLow": f.threshold_low,
-                "thresADU": f.thres_adu, "useRms": int(f.use_rms), "aduspphot": self.adu,
-                "nData": -1 if self.ndata is None else int(self.ndata), "mask": f.mask_name}
+        items = {**self.finder.config_items(), "aduspphot": self.adu,
+                 "nData": -1 if self.ndata is None else int(self.ndata)}
+        if self.photpts is not None:
+            items["photpts"] = self.photpts
+        return items
 
 
 @register
