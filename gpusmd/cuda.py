@@ -187,14 +187,14 @@ def _calibrate_args(xp, raw_flat, control_bits, lut, family: int):
         lut = lut.copy()    # the kernel reads float2 pairs
     if lut.shape[-1] != 2 or npix == 0 or lut.size % (2 * npix):
         raise GpusmdError(f"calibrate: lut shape {lut.shape} does not fit {npix} pixels "
-                          "(expected (ngain, npix, 2))")
+                          "(expected (rows, npix, 2))")
     family = int(family)
     if family not in (0, 1, 2):
         raise GpusmdError(f"calibrate: unknown detector family code {family}")
-    ngain = lut.size // (2 * npix)
-    need = {0: 1, 1: 3, 2: 7}[family]
-    if ngain < need:
-        raise GpusmdError(f"calibrate: lut has {ngain} gain ranges, family {family} needs {need}")
+    rows = lut.size // (2 * npix)
+    need = {0: 1, 1: 3, 2: 8}[family]       # gain ranges (+ the epix10k's no-range row)
+    if rows != need:
+        raise GpusmdError(f"calibrate: lut has {rows} rows, family {family} needs {need}")
     if control_bits is None:
         if family == 2:
             raise GpusmdError("calibrate: epix10k needs the pixel control bits")
@@ -210,7 +210,8 @@ def calibrate_gpu(raw_flat, control_bits, lut, family: int):
     """The calibration kernel on the current CuPy device.
 
     raw_flat: (B, npix) uint16 or int16; control_bits: (npix,) uint8 or None; lut:
-    (ngain, npix, 2) float32; family: FAMILY_* code. Returns (B, npix) float32."""
+    (lut_rows, npix, 2) float32 (calibrate.build_lut); family: FAMILY_* code. Returns
+    (B, npix) float32."""
     cupy = _cupy()
     raw, cb, lut, nbatch, npix, signed_raw, family = _calibrate_args(
         cupy, raw_flat, control_bits, lut, family)

@@ -17,7 +17,8 @@ workspace              B x n x 4            one float32 batch of temporaries (AD
                                             values in the split path, feature scratch)
 common_mode_work       B x n x 9            adu float32 + scale float32 + good bool
                                             (common-mode path only)
-lut                    ngain x n x 8        (pedestal + offset, mask / gain) float2
+lut                    rows x n x 8         (pedestal, mask / gain) float2; rows: the
+                                            gain ranges (+ 1 for epix10k: no range)
 control_bits           n                    epix10k per-pixel control bits, uint8
 common_mode_tables     nstate x n x 9 + 4n  switch tables (ped float32, scale float32,
                                             good bool per raw switch state) + rms
@@ -55,7 +56,7 @@ DESCRIPTIONS = {
     "calibrated": "calibrated batch, float32",
     "workspace": "temporaries, one float32 batch",
     "common_mode_work": "common-mode working arrays (adu, scale, good)",
-    "lut": "calibration look-up table (ngain, npix, 2) float32",
+    "lut": "calibration look-up table (rows, npix, 2) float32",
     "control_bits": "epix10k control bits",
     "common_mode_tables": "switch tables (3 x nstate x npix) + rms",
     "feature_maps": "features' per-run maps",
@@ -88,7 +89,7 @@ def memory_report(model: DetectorModel, batch_size: int, n_functions_hint: int =
         "common_mode_work": 9 * n if common_mode else 0,
     }
     fixed = {
-        "lut": model.ngain * n * 2 * 4,
+        "lut": (model.ngain + (model.family == "epix10k")) * n * 2 * 4,   # calibrate.lut_rows
         "control_bits": n if model.family == "epix10k" else 0,
         "common_mode_tables": (_switch_states(model) * n * 9 + 4 * n) if common_mode else 0,
         "feature_maps": int(n_functions_hint) * n * 16,

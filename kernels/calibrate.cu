@@ -3,8 +3,8 @@
 //
 // raw:          (B, npix) 16-bit raw frames (uint16, or int16 read with signed_raw = 1)
 // control_bits: (npix,) epix10k pixel control bits (any 1-element array otherwise)
-// lut:          (ngain, npix) float2 of (pedestal + offset, mask / gain)
-// out:          (B, npix) float32, 0 where the gain bits are invalid
+// lut:          (rows, npix) float2 of (pedestal, mask / gain) (gain_decode.h)
+// out:          (B, npix) float32
 // n = B * npix elements, walked with a grid-stride loop.
 #ifndef __CUDACC__
 #include "cuda_host.h"
@@ -27,7 +27,7 @@ extern "C" __global__ void calibrate(const unsigned short* __restrict__ raw,
         const unsigned short r = __ldg(raw + k);
         int g;
         const float2 e = gpusmd_lut_entry(family, r, i, control_bits, lut, npix, &g);
-        out[k] = g >= 0 ? (gpusmd_adc(family, r, signed_raw) - e.x) * e.y : 0.0f;
+        out[k] = (gpusmd_adc(family, r, signed_raw) - e.x) * e.y;
         i += step;
         if (i >= npix) i -= npix;
     }

@@ -25,7 +25,7 @@
 // blockIdx.y = event.
 //   raw           (B, npix) uint16 (int16 read with signed_raw = 1)
 //   control_bits  (npix,) uint8 epix10k pixel control bits (any 1-element array otherwise)
-//   lut           (ngain, npix) float2 of (pedestal + offset, mask / gain)
+//   lut           (rows, npix) float2 of (pedestal, mask / gain) (gain_decode.h)
 //   vote_ranges   bit g set: pixels in gain range g vote (and are corrected) when their
 //                 mask / gain is not 0 (DESIGN §6 "good" pixels)
 //   lo, hi, min_count, min_fraction, max_abs, inclusive, apply_all: the median rule of
@@ -116,7 +116,7 @@ extern "C" __global__ void calibrate_rows(const unsigned short* __restrict__ raw
     }
 }
 
-// The gain factor mask / gain of raw value r at pixel i (0 where the gain bits are invalid).
+// The gain factor mask / gain of raw value r at pixel i (gpusmd_lut_entry's where none).
 __device__ __forceinline__ float cc_factor(unsigned short r, long long i,
                                            const unsigned char* control_bits,
                                            const float2* lut, long long npix, int family)

@@ -47,9 +47,13 @@ __device__ __forceinline__ float gpusmd_adc(int family, unsigned short raw, int 
     return signed_raw ? (float)(short)raw : (float)raw;
 }
 
-// The look-up entry (pedestal + offset, mask / gain) of raw value r at pixel i of a
-// (ngain, npix) float2 table, and its gain range in *g: (0, 0) and -1 where the gain bits
-// are invalid. control_bits: the epix10k per-pixel bits (not read for other families).
+// The look-up entry (pedestal, mask / gain) of raw value r at pixel i of a (rows, npix)
+// float2 table, and its gain range in *g (-1: none). A pixel in no gain range (psana's
+// defaults): the epix10k's row GPUSMD_EPIX10K_NGAIN holds (0, mask), its raw ADU x mask;
+// the Jungfrau's is (0, 0). control_bits: the epix10k per-pixel bits (not read for other
+// families).
+#define GPUSMD_EPIX10K_NGAIN 7
+
 __device__ __forceinline__ float2 gpusmd_lut_entry(int family, unsigned short r, long long i,
                                                    const unsigned char* control_bits,
                                                    const float2* lut, long long npix, int* g)
@@ -57,5 +61,7 @@ __device__ __forceinline__ float2 gpusmd_lut_entry(int family, unsigned short r,
     const unsigned char cb = family == GPUSMD_FAMILY_EPIX10K ? __ldg(control_bits + i)
                                                              : (unsigned char)0;
     *g = gpusmd_gain_index(family, r, cb);
-    return *g >= 0 ? __ldg(lut + ((long long)*g * npix + i)) : make_float2(0.0f, 0.0f);
+    if (*g >= 0) return __ldg(lut + ((long long)*g * npix + i));
+    return family == GPUSMD_FAMILY_EPIX10K ? __ldg(lut + (GPUSMD_EPIX10K_NGAIN * npix + i))
+                                           : make_float2(0.0f, 0.0f);
 }

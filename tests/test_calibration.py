@@ -1,9 +1,14 @@
-"""Calibration on hand-built raw values (DESIGN §5): every gain range, invalid bits, masks."""
+"""Calibration on hand-built raw values (DESIGN §5): every gain range, invalid bits, masks.
+
+The rules are psana2's: psana/detector/UtilsEpix10ka.py calib_epix10ka_any (no offset;
+a pixel in no gain range keeps its raw ADU x mask: the np.select defaults of
+event_constants_for_gmaps, pedestal 0 and factor 1) and UtilsJungfrau.py
+calib_jungfrau_single_panel (pedestal + pixel_offset; gain bits 2 give 0)."""
 import numpy as np
 import pytest
 
 from gpusmd.backend import get_backend
-from gpusmd.calib.calibrate import Calibrator, build_lut
+from gpusmd.calib.calibrate import FAMILY_EPIX10K, Calibrator, build_lut, lut_rows
 from gpusmd.calib.constants import Constants
 from gpusmd.calib.masks import pixel_masks
 from gpusmd.detectors import EPIX10K_DEFAULT_GAIN, JUNGFRAU_DEFAULT_GAIN, epix10k_control_bits, get_detector
@@ -32,22 +37,66 @@ def calibrate_pixels(model, consts, raw_values, pixels, control_bits=None, mask=
 
 
 def test_epix10k_every_gain_range():
+    """psana calib_epix10ka_any: (raw & 0x3fff - pedestal) / gain x mask; the offsets
+    (here g in range g) are not subtracted."""
     model = get_detector("epix10kquad")
     consts = constants_with_levels(model)
-    # (control bits, raw bit 14) -> expected gain range; the last one is g without ga: invalid
+    # (control bits, raw bit 14) -> expected gain range
     cases = [(28, 0, 0), (28, 1, 0), (12, 0, 1), (8, 0, 2), (24, 0, 2), (16, 0, 3), (0, 0, 4),
-             (16, 1, 5), (0, 1, 6), (4, 0, None)]
+             (16, 1, 5), (0, 1, 6)]
     pixels = 5000 + np.arange(len(cases))
     cb = np.zeros(model.npix, np.uint8)
     cb[pixels] = [c[0] for c in cases]
     raw = np.array([2000 | (b14 << 14) for _, b14, _ in cases], np.uint16)
     out = calibrate_pixels(model, consts, raw, pixels, control_bits=cb)
     for (cbits, b14, g), value in zip(cases, out):
-        if g is None:
-            assert value == 0, f"invalid control bits {cbits} must give 0"
-        else:
-            expected = (2000 - (1000 + 100 * g) - g) / EPIX10K_DEFAULT_GAIN[g]
-            assert value == pytest.approx(expected, rel=1e-6), (cbits, b14, g)
+        expected = np.float32(2000 - (1000 + 100 * g)) * np.float32(1 / EPIX10K_DEFAULT_GAIN[g])
+        assert value == expected, (cbits, b14, g)
+
+
+def test_epix10k_undefined_configuration_gives_raw_adu_times_mask():
+    """g set without ga (control bits 4, with or without trbit and raw bit 14) names no
+    gain range in psana's gain_maps_epix10ka_any_alg: calib_epix10ka_any gives the raw
+    ADU (raw & 0x3fff, pedestal 0, factor 1) x mask, whatever the pedestals, gains and
+    offsets of the pixel; a masked one gives 0."""
+    model = get_detector("epix10kquad")
+    consts = constants_with_levels(model)
+    pixels = 7000 + np.arange(5)
+    cb = np.zeros(model.npix, np.uint8)
+    cb[pixels] = [4, 4, 20, 20, 4]
+    raw = np.array([2000, 2000 | 0x4000, 123, 0x4000 | 0x3fff, 2000], np.uint16)
+    mask = np.ones(model.npix, np.uint8)
+    mask[pixels[-1]] = 0
+    out = calibrate_pixels(model, consts, raw, pixels, control_bits=cb,
+                           mask=mask.reshape(model.shape))
+    np.testing.assert_array_equal(out, [2000, 2000, 123, 0x3fff, 0])
+    from gpusmd import cuda                      # the kernel, through the host build
+    frame = np.zeros((1, model.npix), np.uint16)
+    frame[0, pixels] = raw
+    lut = build_lut(consts, mask.reshape(model.shape))
+    got = cuda.calibrate_host(frame, cb, lut, FAMILY_EPIX10K)[0, pixels]
+    np.testing.assert_array_equal(got, [2000, 2000, 123, 0x3fff, 0])
+    for convention in ("multiply", "none"):      # no gain whatever the convention
+        cal = Calibrator(model, consts, mask.reshape(model.shape), CPU, convention)
+        lut = cal.host_lut
+        assert lut.shape == (8, model.npix, 2)
+        np.testing.assert_array_equal(lut[7, pixels], [[0, 1]] * 4 + [[0, 0]])
+
+
+def test_offsets_only_for_the_jungfrau():
+    """psana adds pixel_offset to the pedestals only in calib_jungfrau; its epix10ka and
+    single-gain calibrations (calib_epix10ka_any, AreaDetectorRaw.calib) have none."""
+    for t in ("epix10kquad", "epix100", "cspad"):
+        model = get_detector(t)
+        c = constants_with_levels(model)
+        c.offset[:] = 7
+        lut = build_lut(c, np.ones(model.shape, np.uint8))
+        np.testing.assert_array_equal(lut[:model.ngain, :, 0],
+                                      c.pedestal.reshape(model.ngain, -1), err_msg=t)
+    model = get_detector("jungfrau05M")
+    c = constants_with_levels(model)
+    lut = build_lut(c, np.ones(model.shape, np.uint8))
+    np.testing.assert_array_equal(lut[..., 0], (c.pedestal + c.offset).reshape(3, -1))
 
 
 def test_epix10k_control_bits_take_trbit_per_asic():
@@ -134,8 +183,9 @@ def test_cpu_pass_equals_reference_on_random_raw(detector):
     model = get_detector(detector)
     rng = np.random.default_rng(1)
     npix = 4000
-    lut = rng.normal(100, 50, (model.ngain, npix, 2)).astype(np.float32)
-    lut[..., 1][rng.random((model.ngain, npix)) < 0.1] = 0
+    rows = lut_rows(model)
+    lut = rng.normal(100, 50, (rows, npix, 2)).astype(np.float32)
+    lut[..., 1][rng.random((rows, npix)) < 0.1] = 0
     cb = rng.choice([0, 4, 8, 12, 16, 24, 28], npix).astype(np.uint8) if model.family == "epix10k" else None
     info = np.iinfo(model.dtype)
     raw = rng.integers(info.min, info.max, (3, npix), endpoint=True).astype(model.dtype)

@@ -34,12 +34,12 @@ def test_memory_epix10k2m(B):
     assert r["raw_batches"] == 2 * B * n * 2
     assert r["calibrated"] == B * n * 4
     assert r["common_mode_work"] == B * n * 9
-    assert r["lut"] == 7 * n * 2 * 4
+    assert r["lut"] == 8 * n * 2 * 4            # 7 gain ranges + the no-range row
     assert r["control_bits"] == n
     assert r["common_mode_tables"] == 2 * n * 9 + 4 * n
     assert r["feature_maps"] == 2 * n * 16
     assert r["pinned_host"] == 2 * B * n * 2
-    assert r["total"] == hand(n, 7, 2, B, cb=1)
+    assert r["total"] == hand(n, 8, 2, B, cb=1)
     assert r["total"] == r["fixed"] + B * r["per_event"]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from gpusmd import cuda
 from gpusmd.calib.calibrate import (FAMILY_EPIX10K, FAMILY_JUNGFRAU, FAMILY_SINGLE,
-                                    calibrate_reference, family_code)
+                                    calibrate_reference, family_code, lut_rows)
 from gpusmd.detectors import get_detector
 from gpusmd.errors import GpusmdError
 from conftest import gpu_available
@@ -82,10 +82,11 @@ def _random_case(detector, dtype, seed=0):
     model = get_detector(detector)
     raw = rng.integers(0, 1 << 16, size=(NBATCH, NPIX), dtype=np.uint16).view(dtype)
     cb = rng.integers(0, 64, size=NPIX, dtype=np.uint8) if model.family == "epix10k" else None
-    lut = np.empty((model.ngain, NPIX, 2), np.float32)
-    lut[..., 0] = rng.normal(1500.0, 500.0, size=(model.ngain, NPIX))
-    lut[..., 1] = rng.normal(0.0, 2.0, size=(model.ngain, NPIX))
-    lut[..., 1][rng.random((model.ngain, NPIX)) < 0.1] = 0.0    # masked pixels
+    rows = lut_rows(model)
+    lut = np.empty((rows, NPIX, 2), np.float32)
+    lut[..., 0] = rng.normal(1500.0, 500.0, size=(rows, NPIX))
+    lut[..., 1] = rng.normal(0.0, 2.0, size=(rows, NPIX))
+    lut[..., 1][rng.random((rows, NPIX)) < 0.1] = 0.0    # masked pixels
     return model, raw, cb, lut
 
 
@@ -133,7 +134,7 @@ def test_calibrate_argument_checks():
     with pytest.raises(GpusmdError, match="uint16 or int16"):
         cuda.calibrate_host(np.zeros((1, 10), np.float32), None, lut, FAMILY_JUNGFRAU)
     with pytest.raises(GpusmdError, match="control bits"):
-        cuda.calibrate_host(np.zeros((1, 10), np.uint16), None, np.zeros((7, 10, 2)), FAMILY_EPIX10K)
+        cuda.calibrate_host(np.zeros((1, 10), np.uint16), None, np.zeros((8, 10, 2)), FAMILY_EPIX10K)
     with pytest.raises(GpusmdError, match="lut"):
         cuda.calibrate_host(np.zeros((1, 11), np.uint16), None, lut, FAMILY_JUNGFRAU)
 

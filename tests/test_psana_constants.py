@@ -69,10 +69,12 @@ def test_round_trip(runs, t):
         for key in ("experiment", "run", "run_orig", "detector", "ctype", "time_sec", "version"):
             assert key in meta
         assert meta["ctype"] == ctype and meta["run"] == 4 and meta["run_end"] == "9"
-    assert np.array_equal(cc["pedestals"][0].reshape(c.pedestal.shape), c.pedestal + c.offset)
+    # a Jungfrau's offset folds in; the others' is used by neither calibration
+    ped = c.pedestal + c.offset if m.family == "jungfrau" else c.pedestal
+    assert np.array_equal(cc["pedestals"][0].reshape(c.pedestal.shape), ped)
 
     back = pc.from_psana(cc, m)
-    assert np.array_equal(back.pedestal, c.pedestal + c.offset)   # the offset folds in
+    assert np.array_equal(back.pedestal, ped)
     assert not back.offset.any()
     for name in ("rms", "gain", "status", "mask"):
         got = getattr(back, name)

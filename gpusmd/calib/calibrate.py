@@ -1,10 +1,24 @@
 """The calibration pass (DESIGN §5): raw -> gain range -> (adc - pedestal) * mask / gain.
 
 The constants are folded once per run into a look-up table ``lut`` of shape
-(ngain, npix, 2): lut[g, i] = (pedestal + offset, mask / gain) for pixel i in gain
-range g, so that one pass over the raw frame is one fused multiply-add per pixel.
-The NumPy reference here and the CUDA kernel ``kernels/calibrate.cu`` compute the
-same thing; tests compare them.
+(rows, npix, 2): lut[g, i] = (pedestal, mask / gain) for pixel i in gain range g, so
+that one pass over the raw frame is one fused multiply-add per pixel. The NumPy
+reference here and the CUDA kernel ``kernels/calibrate.cu`` compute the same thing;
+tests compare them.
+
+The rules are psana2's (psana/detector/UtilsEpix10ka.py calib_epix10ka_any,
+UtilsJungfrau.py calib_jungfrau, AreaDetectorRaw.calib):
+
+- The pedestal is the constants' pedestal; only the Jungfrau adds its offset (psana's
+  ``pixel_offset``, which only calib_jungfrau adds). psana's epix10ka calibration has
+  no offset: its ``pixel_offset`` constants (charge injection) are folded into the
+  low-gain pedestals when they are deployed, so subtracting one again would count it
+  twice. The other families' offsets are not used.
+- A pixel whose gain bits name no gain range: the epix10k's undefined configuration
+  (g set, ga not) gives its raw ADU x mask (psana's np.select defaults in
+  event_constants_for_gmaps: pedestal 0, gain factor 1), held as the table's extra
+  row ``ngain`` = (0, mask); the Jungfrau's gain bits 2 give 0 (the factor 0 of
+  calib_jungfrau_single_panel), from no row.
 """
 from __future__ import annotations
 
@@ -17,19 +31,30 @@ from .constants import Constants
 # family codes shared with kernels/calibrate.cu
 FAMILY_SINGLE, FAMILY_JUNGFRAU, FAMILY_EPIX10K = 0, 1, 2
 GAIN_CONVENTIONS = ("divide", "multiply", "none")
+OFFSET_FAMILIES = ("jungfrau",)     # the families whose calibration subtracts the offset
 
 
 def family_code(model: DetectorModel) -> int:
     return {"jungfrau": FAMILY_JUNGFRAU, "epix10k": FAMILY_EPIX10K}.get(model.family, FAMILY_SINGLE)
 
 
+def lut_rows(model: DetectorModel) -> int:
+    """Rows of the look-up table: the gain ranges, and for the epix10k one more, the
+    entry of its pixels in no gain range."""
+    return model.ngain + (family_code(model) == FAMILY_EPIX10K)
+
+
 def build_lut(constants: Constants, pixel_mask: np.ndarray, convention: str = "divide") -> np.ndarray:
-    """(ngain, npix, 2) float32 table of (pedestal + offset, mask x gain factor).
+    """(lut_rows, npix, 2) float32 table of (pedestal, mask x gain factor) per gain range,
+    and for the epix10k (0, mask) in row ngain (module docstring).
 
     convention: "divide" (psana2: value / pixel_gain, 0 where the gain is 0),
     "multiply" (psana1 single-gain detectors: value * pixel_gain), "none" (ADU)."""
-    ngain = constants.model.ngain
-    ped = (constants.pedestal + constants.offset).reshape(ngain, -1)
+    model = constants.model
+    ngain = model.ngain
+    ped = constants.pedestal.reshape(ngain, -1)
+    if model.family in OFFSET_FAMILIES:
+        ped = ped + constants.offset.reshape(ngain, -1)
     gain = constants.gain.reshape(ngain, -1).astype(np.float64)
     mask = np.broadcast_to(np.asarray(pixel_mask, np.float64).reshape(1, -1), gain.shape)
     if convention == "divide":
@@ -41,23 +66,34 @@ def build_lut(constants: Constants, pixel_mask: np.ndarray, convention: str = "d
         scale = mask
     else:
         raise ValueError(f"unknown gain convention {convention!r}")
-    return np.stack([ped, scale.astype(np.float32)], axis=-1).astype(np.float32)
+    lut = np.stack([ped, scale], axis=-1).astype(np.float32)
+    if lut_rows(model) > ngain:
+        no_range = np.stack([np.zeros_like(mask[0]), mask[0]], axis=-1).astype(np.float32)
+        lut = np.concatenate([lut, no_range[None]])
+    return lut
+
+
+def entries(lut, g, model: DetectorModel, xp=np):
+    """(pedestal, scale) of gain ranges g (-1: none) at every pixel (the last axis):
+    row ngain of the table where there is none, (0, 0) where the table has no such row."""
+    lut = xp.asarray(lut)
+    if lut.shape[0] != lut_rows(model):
+        raise ValueError(f"{model.type}: look-up table of {lut.shape[0]} rows, not {lut_rows(model)}")
+    if lut.shape[0] == model.ngain:
+        lut = xp.concatenate([lut, xp.zeros((1, *lut.shape[1:]), lut.dtype)])
+    gi = xp.where(g >= 0, g, model.ngain).astype(xp.intp)
+    entry = lut[gi, xp.arange(lut.shape[1])]
+    return entry[..., 0], entry[..., 1]
 
 
 def calibrate_reference(raw, control_bits, lut, model: DetectorModel, xp=np):
     """NumPy (or CuPy) reference of the calibration kernel.
 
     raw: (B, npix) uint16 (int16 for CsPad); control_bits: (npix,) uint8 for epix10k,
-    else None; lut: (ngain, npix, 2) float32. Returns (B, npix) float32, 0 where the
-    gain bits are invalid."""
+    else None; lut: (lut_rows, npix, 2) float32. Returns (B, npix) float32."""
     g = model.gain_index(raw, control_bits, xp)
-    adc = model.adc(raw, xp)
-    valid = g >= 0
-    gi = xp.where(valid, g, 0).astype(xp.intp)
-    pix = xp.arange(raw.shape[-1])[None, :]
-    entry = lut[gi, pix]                            # (B, npix, 2)
-    out = (adc - entry[..., 0]) * entry[..., 1]
-    return xp.where(valid, out, xp.float32(0)).astype(xp.float32)
+    ped, scale = entries(lut, g, model, xp)
+    return ((model.adc(raw, xp) - ped) * scale).astype(xp.float32)
 
 
 def switch_states(model: DetectorModel) -> int:
@@ -66,11 +102,14 @@ def switch_states(model: DetectorModel) -> int:
     return {FAMILY_JUNGFRAU: 4, FAMILY_EPIX10K: 2}.get(family_code(model), 1)
 
 
-def switch_tables(lut: np.ndarray, control_bits, model: DetectorModel, cm_ranges=None):
+def switch_tables(lut: np.ndarray, control_bits, model: DetectorModel, cm_ranges=None,
+                  vote_mask=None):
     """The look-up table unrolled by switch state: (pedestal, scale, cm_good) per state
-    per pixel, (0, 0, False) where the state decodes to an invalid gain. cm_good marks the
+    per pixel, the no-range entry where the state decodes to no gain range. cm_good marks the
     pixels that take part in the common-mode correction: valid, not masked, and in one of
-    ``cm_ranges`` (all ranges when None). With them the CPU pass needs no per-pixel
+    ``cm_ranges`` (all ranges when None); not masked is ``vote_mask`` (npix,), whatever
+    the gain (psana's voters), or where it is None mask / gain != 0. With them the CPU
+    pass needs no per-pixel
     gather: one select on the raw switch bits (the gain decoding of a pixel depends only
     on its configuration and these bits)."""
     lut = np.asarray(lut)
@@ -78,13 +117,11 @@ def switch_tables(lut: np.ndarray, control_bits, model: DetectorModel, cm_ranges
     ped = np.zeros((nstate, npix), np.float32)
     scale = np.zeros((nstate, npix), np.float32)
     good = np.zeros((nstate, npix), bool)
-    pix = np.arange(npix)
     for s in range(nstate):
-        g = model.gain_index(np.full(npix, s << 14, np.uint16), control_bits).astype(np.intp)
-        valid = g >= 0
-        ped[s, valid] = lut[g[valid], pix[valid], 0]
-        scale[s, valid] = lut[g[valid], pix[valid], 1]
-        good[s] = valid & (scale[s] != 0) & (True if cm_ranges is None else np.isin(g, cm_ranges))
+        g = model.gain_index(np.full(npix, s << 14, np.uint16), control_bits)
+        ped[s], scale[s] = entries(lut, g, model)
+        unmasked = scale[s] != 0 if vote_mask is None else vote_mask
+        good[s] = (g >= 0) & unmasked & (True if cm_ranges is None else np.isin(g, cm_ranges))
     return ped, scale, good
 
 
@@ -130,11 +167,17 @@ class Calibrator:
     built once per run."""
 
     def __init__(self, model: DetectorModel, constants: Constants, pixel_mask: np.ndarray,
-                 backend: Backend, convention: str = "divide", cm_ranges=None):
+                 backend: Backend, convention: str = "divide", cm_ranges=None,
+                 cm_gain_zero_votes: bool = True):
         self.model = model
         self.backend = backend
         self.family = family_code(model)
         self.cm_ranges = cm_ranges
+        # common-mode voters: the unmasked pixels, whatever their gain (psana), or not
+        self.cm_vote_mask = (np.asarray(pixel_mask).reshape(-1) != 0
+                             if cm_gain_zero_votes else None)
+        self._device_vote_mask = (None if self.cm_vote_mask is None
+                                  else backend.asarray(self.cm_vote_mask.astype(np.uint8)))
         self.host_lut = build_lut(constants, pixel_mask, convention)
         self.lut = backend.asarray(self.host_lut)
         self._control_bits = {}
@@ -172,7 +215,7 @@ class Calibrator:
             cb = self._control_bits.get(step)
             host_cb = None if cb is None else self.backend.to_host(cb)
             self._tables[step] = tuple(self.backend.asarray(t) for t in switch_tables(
-                self.host_lut, host_cb, self.model, self.cm_ranges))
+                self.host_lut, host_cb, self.model, self.cm_ranges, self.cm_vote_mask))
         return self._tables[step]
 
     @property
@@ -189,7 +232,8 @@ class Calibrator:
         raw = xp.asarray(raw)
         cb = self.control_bits(step)
         calib, stats = common_mode.calibrate(raw.reshape(raw.shape[0], -1), cb, self.lut,
-                                             self.family, self.vote_ranges)
+                                             self.family, self.vote_ranges,
+                                             self._device_vote_mask)
         return calib.reshape(raw.shape), stats
 
     def split(self, raw, step: int = 0):

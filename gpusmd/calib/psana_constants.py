@@ -4,18 +4,20 @@ psana holds a detector's constants as ``det.calibconst`` (``run._calib_const[det
 a dict mapping a calibration type ("ctype") to ``(array, metadata)``. The mapping:
 
     gpusmd field          psana ctype     dtype    shape
-    pedestal + offset     pedestals       float32  (ngain, *raw_shape); raw_shape if ngain == 1
+    pedestal (+ offset)   pedestals       float32  (ngain, *raw_shape); raw_shape if ngain == 1
     rms                   pixel_rms       float32  as pedestals
     gain (ADU per keV)    pixel_gain      float32  as pedestals
     status                pixel_status    uint64   as pedestals
     mask                  pixel_mask      uint8    raw_shape (no gain axis)
 
-- The offset folds into the pedestals: psana's calibration subtracts ``pedestals`` (the
-  Jungfrau one adds ``pixel_offset`` when there is one, the others have no offset). The
-  float32 sum is the one gpusmd's calibration subtracts, so calibrated values are the same
-  bit for bit; read back, ``offset`` is 0 and ``pedestal`` is pedestal + offset. A psana
-  ``pixel_offset`` is read into ``offset`` for Jungfraus (the only detector whose psana
-  calibration uses it) and ignored for the others.
+- A Jungfrau's offset folds into the pedestals: psana's calibration subtracts
+  ``pedestals`` (the Jungfrau one adds ``pixel_offset`` when there is one, the others have
+  no offset). The float32 sum is the one gpusmd's calibration subtracts, so calibrated
+  values are the same bit for bit; read back, ``offset`` is 0 and ``pedestal`` is
+  pedestal + offset. The other families' offsets are left out, as both calibrations
+  leave them out (gpusmd.calib.calibrate). A psana ``pixel_offset`` is read into
+  ``offset`` for Jungfraus (the only detector whose psana calibration uses it) and
+  ignored for the others.
 - ``pixel_mask`` has the raw shape: 1 where the gpusmd mask is non-zero in every gain
   range (what gpusmd's calibration uses). psana applies it only when the detector is made
   with ``calib=True`` (``run.Detector(name, calib=True)``); by default psana's mask is
@@ -129,7 +131,9 @@ def to_psana(constants: Constants, detname: str, experiment: str = "", run: int 
     shape = psana_shape(model)
     run = int(constants.run_min if run is None else run)
     time_sec = int(time.time() if time_sec is None else time_sec)
-    ped = np.asarray(constants.pedestal, np.float32) + np.asarray(constants.offset, np.float32)
+    ped = np.asarray(constants.pedestal, np.float32)
+    if model.family in PSANA_OFFSET_FAMILIES:
+        ped = ped + np.asarray(constants.offset, np.float32)
     arrays = {
         "pedestals": ped.reshape(shape),
         "pixel_rms": np.asarray(constants.rms, np.float32).reshape(shape),
@@ -138,7 +142,8 @@ def to_psana(constants: Constants, detname: str, experiment: str = "", run: int 
         "pixel_mask": (np.asarray(constants.mask) != 0).all(axis=0).astype(np.uint8),
     }
     extpars = json.dumps({"content": "gpusmd constants", "gpusmd_type": model.type,
-                          "gpusmd_source": constants.source, "offset_folded": True})
+                          "gpusmd_source": constants.source,
+                          "offset_folded": model.family in PSANA_OFFSET_FAMILIES})
     out = {}
     for ctype in CTYPES:
         a = np.ascontiguousarray(arrays[ctype], DTYPES[ctype])
