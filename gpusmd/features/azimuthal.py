@@ -1,27 +1,47 @@
 """Azimuthal integration (DESIGN §8): ``azav`` (nphi, nq), mean per bin, NaN when empty.
 
-Geometry (smalldata_tools, J. Chem. Phys. 113, 9140 (2000)), pixel (x, y) and beam
-centre (xc, yc) in mm, perpendicular sample-detector distance d, tilts tx, ty::
+From smalldata parameters (center, dis_to_sam, tx, ty, eBeam) the per-pixel maps and the
+bins are smalldata_tools' (ana_funcs/azimuthalBinning.py, ``azimuthalBinning._setup``),
+formula by formula in the same float64 operations, so that every pixel lands in the bin
+smalldata puts it in. Geometry (J. Chem. Phys. 113, 9140 (2000)): pixel (x, y, z) and beam
+centre (xc, yc) in mm, distance d, tilts tx, ty, z_off = mean(z) - z, c = d + z_off::
 
     A = -sin(ty) cos(tx),  B = -sin(tx),  C = -cos(ty) cos(tx)
-    a = xc + d tan(ty),    b = yc - d tan(tx),  c = d
-    v = (x - a, y - b, c),  r = |v|
-    cos 2theta = (A (x-a) + B (y-b) - C c) / r        (beam direction u = (A, B, -C))
-    q = 4 pi / lambda sin(theta),  lambda [A] = 12.3984 / E [keV]
+    a = xc + c tan(ty),    b = yc - c tan(tx)
+    r = |(x - a, y - b, c)|
+    2theta = arccos((A (x-a) + B (y-b) - C c) / r)
+    phi = arccos(((A^2+C^2)(y-b) - A B (x-a) + B C c)
+                 / sqrt((A^2+C^2)(r^2 - (A (x-a) + B (y-b) - C c)^2))),
+          2 pi - phi where x < xc (undefined on the beam: 0 if y >= yc, else pi)
+    q = 4 pi / lambda sin(theta),  lambda [A] = 12398.4 / E [eV]  (smalldata's E2lam)
 
-phi is the angle, about the beam, of the scattered direction measured from the
-detector's +y axis projected perpendicular to the beam (e_y) towards e_x = e_y x u
-(= +x with no tilt): ``phi = atan2(v.e_x, v.e_y)`` in [0, 2 pi). This is exactly
-smalldata's ``arccos(...)`` formula with its ``x < xcen -> 2 pi - phi`` flip (e_x . v is
-proportional to x - xc), written without the branch. Corrections per pixel:
+phi is the angle about the beam from the detector's +y axis (projected perpendicular to
+the beam, e_y) towards e_x = e_y x u (= +x with no tilt), i.e. ``atan2(v.e_x, v.e_y)``
+in [0, 2 pi) (:func:`pixel_angles`; smalldata's arccos is up to ~1e-5 rad off it near
+phi = 0 and pi, close to the beam). Corrections per pixel:
 
     polarization  (1-P)(1 - (sin phi sin 2theta)^2) + P (1 - (cos phi sin 2theta)^2)
-                  (P = Pplane: the fraction polarized along e_y, i.e. along +y)
-    solid angle   (d / r)^3   (1 at the foot of the perpendicular from the sample)
+                  (P = Pplane, default 0 as smalldata: the fraction polarized along e_y)
+    solid angle   (c / r)^3   (1 at the foot of the perpendicular from the sample)
 
-Pixel z coordinates are ignored (as in smalldata: the detector is the plane z = d).
-Pixel x, y are the detector's coordinates (gpusmd.geometry.detector_coords: its
-``geometry:`` psana file, else the regular grid).
+Pixel x, y, z are the detector's coordinates (gpusmd.geometry.detector_coords: its
+``geometry:`` psana file, else the regular grid, z = 0).
+
+Bins (smalldata's rules; pixels in bin i when edge_i <= value < edge_i+1):
+
+* q: ``qbin`` a width (default 0.005 1/A): edges ``np.arange(qmin - qbin, qmax + qbin,
+  qbin)`` over the good pixels' q range, so the first bin is empty but for rounding; or
+  ``qbin`` / ``qedges`` a list of edges; or (gpusmd) ``qmin`` / ``qmax`` with a width:
+  edges qmin, qmin + qbin, ... up to qmax. The q of a bin is the middle of its edges.
+  Pixels outside the edges count nowhere (smalldata raises for them).
+* phi: ``phiBins`` n (default 1): n bins centred on the n points spread evenly from the
+  lowest phi of the detector's pixels to its highest (bins as wide as that range / n);
+  what lies beyond (the last half bin, wrapping past 2 pi) falls in bin 0. ``phiBins`` a
+  list of values in rad: smalldata's edges (one value max + 0.001 added when max < 2 pi -
+  0.01, one min - 0.001 when min > 0; phi is shifted by half the first bin before it is
+  compared with them, past 2 pi wrapped), one bin per value, the last open-ended, what
+  lies below the first in bin 0. ``phiedges`` (gpusmd): plain edges in degrees, pixels
+  outside count nowhere (edges may be given as e.g. [-90, 90]: phi - 360 is tried).
 
 What gpusmd returns, per (phi, q) bin over the good pixels n of the bin (mask & userMask &
 inside the q and phi ranges; a fixed set per run)::
@@ -39,7 +59,7 @@ pyFAI correspondence (what :func:`smalldata_to_pyfai` and the ``poni:`` option u
 * pyFAI's detector is gpusmd's assembled image (DESIGN §7): dim1 = image rows = x,
   dim2 = image columns = y, pixel (i, j) centred at ((i + 1/2) p1, (j + 1/2) p2), so
   ``d1 = x - xmin + p1/2``, ``d2 = y - ymin + p2/2`` (m). (For a camera, d1 = x + rows p/2.)
-* dist = d; (poni1, poni2) = (a, b) in the (d1, d2) frame.
+* dist = d; (poni1, poni2) = (a, b) in the (d1, d2) frame (a flat detector, z_off = 0).
 * pyFAI's rotation R(rot1, rot2, rot3) takes (d1 - poni1, d2 - poni2, dist) into its lab
   frame (t1, t2, t3), t3 along the beam: the beam in the detector frame is R^T e3 =
   (sin rot2, -cos rot2 sin rot1, cos rot1 cos rot2) = u, so rot2 = asin(-sin ty cos tx),
@@ -47,16 +67,15 @@ pyFAI correspondence (what :func:`smalldata_to_pyfai` and the ``poni:`` option u
   which makes pyFAI's ``chi = atan2(t1, t2)`` equal to phi (mod 2 pi).
 * pyFAI's polarization 0.5 (1 + cos^2 2th - f cos(2 chi) sin^2 2th) equals the formula
   above with ``f = 2 P - 1`` (P = 1: f = +1; unpolarized P = 0.5: f = 0).
-* pyFAI's solid angle (dist / r)^3 is the same; q_A^-1 is the same q.
+* pyFAI's solid angle (dist / r)^3 is the same; q_A^-1 is the same q for the same
+  wavelength (smalldata_to_pyfai gives smalldata's wavelength for eBeam).
 
 With ``poni: file.poni`` the per-pixel maps are computed from pyFAI's own formulas
-(any rot3, chi -> phi mod 2 pi) on the positions d1, d2 above; PONI versions 1, 2 and 2.1
-(detector orientation 3, pyFAI's default, only); the PONI's pixel size must be the
-detector's; Wavelength gives the energy unless eBeam is given. A detector's
+(any rot3, chi -> phi mod 2 pi) on the positions d1, d2 above (z ignored); PONI versions
+1, 2 and 2.1 (detector orientation 3, pyFAI's default, only); the PONI's pixel size must
+be the detector's; its Wavelength is the wavelength unless eBeam is given. A detector's
 ``geometry: file.poni`` is the ``poni`` of each of its azav that gives none of poni,
-center, dis_to_sam, tx, ty (gpusmd.config).
-
-phiedges are in degrees, in the same phi convention; phiBins n splits [0, 360) evenly.
+center, dis_to_sam, tx, ty (gpusmd.config). The bins follow the rules above.
 """
 from __future__ import annotations
 
@@ -73,11 +92,50 @@ from . import Feature, register
 from .roi import parse_thresholds
 
 NUMBER = (int, float)
-HC_KEV_A = 12.398419843320026        # h c in keV A
+HC_EV_A = 12398.4                    # h c in eV A: smalldata_tools' E2lam (utilities.py)
+# pyFAI's (CODATA) h c in keV A: only to state a PONI file's Wavelength as pyFAI's energy
+HC_PYFAI_KEV_A = 12.398419843320026
 DEFAULT_QBIN = 0.005                 # 1/A, as smalldata_tools
+DEFAULT_EBEAM = 9.5                  # keV, as smalldata_tools
 
 
 # ---- geometry -----------------------------------------------------------------------
+def wavelength_A(ebeam_keV):
+    """smalldata_tools' ``E2lam(eBeam) * 1e10`` (keV -> eV, then m -> A)."""
+    return (HC_EV_A / (ebeam_keV * 1000.0)) * 1e-10 * 1e10
+
+
+def q_of(tth, wavelength):
+    return 4 * np.pi / wavelength * np.sin(tth / 2)
+
+
+def smalldata_angles(x_um, y_um, z_um, center_um, dis_to_sam_mm, tx_deg, ty_deg):
+    """2theta, phi in [0, 2pi) and solid angle (c/r)^3 per pixel, as
+    azimuthalBinning._setup computes them (same operations, so the same bits)."""
+    x = np.asarray(x_um, np.float64) / 1e3
+    y = np.asarray(y_um, np.float64) / 1e3
+    z = np.asarray(z_um, np.float64) / 1e3
+    z_off = np.nanmean(z) - z
+    xcen, ycen = float(center_um[0]) / 1e3, float(center_um[1]) / 1e3
+    tx, ty = np.deg2rad(tx_deg), np.deg2rad(ty_deg)
+    A, B, C = (-np.sin(ty) * np.cos(tx), -np.sin(tx), -np.cos(ty) * np.cos(tx))
+    c = dis_to_sam_mm + z_off
+    a, b = xcen + c * np.tan(ty), ycen - c * np.tan(tx)
+    r = np.sqrt((x - a) ** 2 + (y - b) ** 2 + c ** 2)
+    along = A * (x - a) + B * (y - b) - C * c
+    with np.errstate(invalid="ignore", divide="ignore"):   # on the beam: phi undefined
+        tth = np.arccos(along / r)
+        phi = np.arccos(((A ** 2 + C ** 2) * (y - b) - A * B * (x - a) + B * C * c)
+                        / np.sqrt((A ** 2 + C ** 2) * (r ** 2 - along ** 2)))
+    phi[(y >= ycen) & np.isnan(phi)] = 0
+    phi[(y < ycen) & np.isnan(phi)] = np.pi
+    left = x < xcen
+    phi[left] = (np.pi - phi[left]) + np.pi
+    solid = c / r
+    solid *= (c / r) ** 2
+    return tth, phi, solid
+
+
 def smalldata_frame(center_mm, dis_to_sam_mm, tx_deg, ty_deg):
     """(a, b, c) and the 3x3 rotation whose rows are e_x, e_y, u (detector frame)."""
     tx, ty = math.radians(tx_deg), math.radians(ty_deg)
@@ -144,8 +202,8 @@ def smalldata_to_pyfai(center_um, dis_to_sam_mm, tx_deg=0.0, ty_deg=0.0, eBeam_k
     rot3 = math.atan2(float(ey @ r0[0]), float(ey @ r0[1]))
     out = {"dist": d * 1e-3, "poni1": (a * 1e3 - origin_um[0]) * 1e-6,
            "poni2": (b * 1e3 - origin_um[1]) * 1e-6, "rot1": rot1, "rot2": rot2, "rot3": rot3}
-    if eBeam_keV is not None:
-        out["wavelength"] = HC_KEV_A / eBeam_keV * 1e-10
+    if eBeam_keV is not None:       # the wavelength gpusmd (and smalldata) use for eBeam
+        out["wavelength"] = wavelength_A(eBeam_keV) * 1e-10
     if Pplane is not None:
         out["polarization_factor"] = 2 * Pplane - 1
     return out
@@ -188,6 +246,43 @@ def read_poni(path, where: Where) -> dict:
 
 
 # ---- binning ------------------------------------------------------------------------
+def smalldata_qedges(q_good, qbin):
+    """azimuthalBinning._setup's q edges for a bin width: the first bin below the lowest q."""
+    qbin = np.array(qbin)
+    return np.arange(np.nanmin(q_good) - qbin, np.nanmax(q_good) + qbin, qbin)
+
+
+def smalldata_phi_bins(phi, phi_bins):
+    """azimuthalBinning._setup's phi binning of ``phi`` (rad, all the detector's pixels)
+    for ``phi_bins`` n or a list of values (rad): (bin of each pixel, the edges phiVec
+    that phi + shift (wrapped past 2 pi) is compared with, shift)."""
+    if isinstance(phi_bins, (list, tuple)):
+        vec = [float(v) for v in phi_bins]
+        if max(vec) < (2 * np.pi - 0.01):
+            vec.append(np.array(vec).max() + 0.001)
+        if min(vec) > 0:
+            vec.append(np.array(vec).min() - 0.001)
+        vec.sort()
+        nphi = len(vec)
+        shift = (vec[1] - vec[0]) / 2
+        pbm = _wrap(phi + shift)
+        vec = np.array(vec)
+    else:
+        nphi = int(phi_bins)
+        shift = (phi.max() - phi.min()) / nphi / 2
+        pbm = _wrap(phi + shift)
+        vec = np.linspace(phi.min(), phi.max() + np.spacing(np.min(pbm)), nphi + 1)
+    idx = np.digitize(pbm.ravel(), vec).reshape(phi.shape) - 1
+    idx[idx < 0] = 0                    # under- and overflow: bin 0
+    idx[idx == nphi] = 0
+    return idx, vec, shift
+
+
+def _wrap(pbm):
+    pbm[pbm >= 2 * np.pi] -= 2 * np.pi
+    return pbm
+
+
 def bin_index(values, edges):
     """Bin of each value in ascending ``edges`` (last bin closed), -1 outside."""
     idx = np.searchsorted(edges, values, side="right") - 1
@@ -232,7 +327,7 @@ class AzimuthalIntegration(Feature):
                     raise (where / key).error("not allowed together with poni (the PONI file "
                                               "gives the geometry)")
         else:
-            for key in ("center", "dis_to_sam", "eBeam"):
+            for key in ("center", "dis_to_sam"):
                 if key not in params:
                     raise (where / key).error("required key is missing (or give poni)")
             center = check_type(params["center"], (list, tuple), where / "center",
@@ -241,8 +336,12 @@ class AzimuthalIntegration(Feature):
                 raise (where / "center").error(f"expected [x, y] in um, got {center!r}")
             for i, v in enumerate(center):
                 check_type(v, NUMBER, where / "center" / i, "a number (um)")
-        for key in ("dis_to_sam", "eBeam", "qbin"):
+        for key in ("dis_to_sam", "eBeam"):
             _check_number(params, key, where, positive=True)
+        if isinstance(params.get("qbin"), (list, tuple)):           # edges, as smalldata
+            _check_edges(params["qbin"], where / "qbin", "q")
+        else:
+            _check_number(params, "qbin", where, positive=True)
         for key in ("qmin", "qmax", "tx", "ty", "Pplane"):
             _check_number(params, key, where)
         if "Pplane" in params and not 0 <= params["Pplane"] <= 1:
@@ -251,15 +350,26 @@ class AzimuthalIntegration(Feature):
             raise (where / "qedges").error("give qbin or qedges, not both")
         if "qedges" in params:
             _check_edges(params["qedges"], where / "qedges", "q")
+        if "qedges" in params or isinstance(params.get("qbin"), (list, tuple)):
             for key in ("qmin", "qmax"):
                 if key in params:
-                    raise (where / key).error("not allowed together with qedges")
+                    raise (where / key).error("not allowed together with q edges")
         if "qmin" in params and "qmax" in params and params["qmax"] <= params["qmin"]:
             raise (where / "qmax").error(f"qmax {params['qmax']} is not above qmin {params['qmin']}")
         if "phiBins" in params and "phiedges" in params:
             raise (where / "phiedges").error("give phiBins or phiedges, not both")
-        if "phiBins" in params:
-            n = check_type(params["phiBins"], (int,), where / "phiBins", "a positive integer")
+        if isinstance(params.get("phiBins"), (list, tuple)):         # smalldata's, in rad
+            values = params["phiBins"]
+            if not values:
+                raise (where / "phiBins").error("expected at least one value")
+            for i, v in enumerate(values):
+                check_type(v, NUMBER, where / "phiBins" / i, "a number (rad)")
+                if not 0 <= v <= 2 * math.pi:
+                    raise (where / "phiBins" / i).error(
+                        f"expected an angle in [0, 2 pi] rad, got {v!r} (phiedges takes degrees)")
+        elif "phiBins" in params:
+            n = check_type(params["phiBins"], (int,), where / "phiBins",
+                           "a positive integer or a list of angles (rad)")
             if n < 1:
                 raise (where / "phiBins").error(f"expected a positive integer, got {n}")
         if "phiedges" in params:
@@ -278,9 +388,9 @@ class AzimuthalIntegration(Feature):
             raise where.error(f"azav works on the detector's frames {tuple(model.shape)}, "
                               f"not on a parent's output {self.input_shape}")
         xp = backend.xp
-        x, y, _ = (np.asarray(c, np.float64) for c in detector_coords(model))
+        x, y, z = (np.asarray(c, np.float64) for c in detector_coords(model))
         self.lo, self.hi = parse_thresholds(params.get("thresADU"), where / "thresADU")
-        self.pplane = float(params.get("Pplane", 1.0))
+        self.pplane = float(params.get("Pplane", 0.0))
         self.use_pol = bool(params.get("polarization", True))
         self.use_solid = bool(params.get("solidangle", True))
         self.tx, self.ty = float(params.get("tx", 0.0)), float(params.get("ty", 0.0))
@@ -292,29 +402,29 @@ class AzimuthalIntegration(Feature):
                     raise (where / "poni").error(
                         f"the PONI file's {key} {poni[key] * 1e6:g} um is not the detector's "
                         f"pixel size {p:g} um")
-            if "eBeam" in params:
-                self.ebeam = float(params["eBeam"])
-            elif poni["wavelength"]:
-                self.ebeam = HC_KEV_A / (poni["wavelength"] * 1e10)
+            if "eBeam" in params or not poni["wavelength"]:
+                self.ebeam = float(params.get("eBeam", DEFAULT_EBEAM))
+                self.wavelength_A = wavelength_A(self.ebeam)
             else:
-                raise (where / "eBeam").error("the PONI file has no Wavelength: give eBeam")
+                self.wavelength_A = poni["wavelength"] * 1e10
+                self.ebeam = HC_PYFAI_KEV_A / self.wavelength_A
             x0, y0 = image_origin(x, y, p, p)
             abc = ((x0 + poni["poni1"] * 1e6) / 1e3, (y0 + poni["poni2"] * 1e6) / 1e3,
                    poni["dist"] * 1e3)
             rot = pyfai_rotation(poni["rot1"], poni["rot2"], poni["rot3"])
+            tth, phi, solid = pixel_angles(x / 1e3, y / 1e3, abc, rot)
             self.center = None
             self.dis_to_sam = poni["dist"] * 1e3
             self.poni = poni
         else:
-            self.ebeam = float(params["eBeam"])
+            self.ebeam = float(params.get("eBeam", DEFAULT_EBEAM))
+            self.wavelength_A = wavelength_A(self.ebeam)
             self.center = [float(v) for v in params["center"]]
             self.dis_to_sam = float(params["dis_to_sam"])
-            abc, rot = smalldata_frame(np.array(self.center) / 1e3, self.dis_to_sam,
-                                       self.tx, self.ty)
+            tth, phi, solid = smalldata_angles(x, y, z, self.center, self.dis_to_sam,
+                                               self.tx, self.ty)
             self.poni = None
-        self.wavelength_A = HC_KEV_A / self.ebeam
-        tth, phi, solid = pixel_angles(x / 1e3, y / 1e3, abc, rot)
-        q = 4 * np.pi / self.wavelength_A * np.sin(tth / 2)
+        q = q_of(tth, self.wavelength_A)
         corr = np.ones_like(q)
         if self.use_pol:
             corr = corr * polarization(tth, phi, self.pplane)
@@ -332,30 +442,35 @@ class AzimuthalIntegration(Feature):
         good &= np.isfinite(q) & (corr > 0)
 
         # bins
-        if "qedges" in params:
-            q_edges = np.asarray(params["qedges"], np.float64)
-        else:
-            qbin = float(params.get("qbin", DEFAULT_QBIN))
-            qg = q[good]
+        qbin = params.get("qbin", DEFAULT_QBIN)
+        qg = q[good]
+        if isinstance(qbin, (list, tuple)) or "qedges" in params:
+            q_edges = np.asarray(params.get("qedges", qbin), np.float64)
+        elif "qmin" in params or "qmax" in params:
             qmin = float(params.get("qmin", qg.min() if qg.size else 0.0))
             qmax = float(params.get("qmax", qg.max() if qg.size else qmin + qbin))
             nq = max(1, math.ceil((qmax - qmin) / qbin - 1e-9))
             q_edges = qmin + qbin * np.arange(nq + 1)
-        if "phiedges" in params:
-            phi_edges = np.asarray(params["phiedges"], np.float64)
+        elif qg.size:
+            q_edges = smalldata_qedges(qg, qbin)
         else:
-            phi_edges = np.linspace(0.0, 360.0, params.get("phiBins", 1) + 1)
-        self.q_edges, self.phi_edges = q_edges, phi_edges
-        self.nq, self.nphi = len(q_edges) - 1, len(phi_edges) - 1
-        self.nbins = self.nq * self.nphi
-        iq = bin_index(q, q_edges)
+            q_edges = np.array([0.0, float(qbin)])
         phi_deg = np.degrees(phi)
         if "phiedges" in params:        # edges may be given as e.g. [-90, 90]: try phi - 360
+            phi_edges = np.asarray(params["phiedges"], np.float64)
             iphi = bin_index(phi_deg, phi_edges)
             alt = bin_index(phi_deg - 360.0, phi_edges)
             iphi = np.where(iphi < 0, alt, iphi)
         else:
-            iphi = np.minimum((phi_deg / 360.0 * self.nphi).astype(np.int64), self.nphi - 1)
+            phi_bins = params.get("phiBins", 1)
+            iphi, vec, shift = smalldata_phi_bins(phi, phi_bins)
+            if isinstance(phi_bins, (list, tuple)):   # one bin per value, the last to 2 pi
+                vec = np.append(vec, 2 * np.pi)
+            phi_edges = np.degrees(vec - shift)
+        self.q_edges, self.phi_edges = q_edges, phi_edges
+        self.nq, self.nphi = len(q_edges) - 1, len(phi_edges) - 1
+        self.nbins = self.nq * self.nphi
+        iq = bin_index(q, q_edges)
         ok = good & (iq >= 0) & (iphi >= 0)
         pixel_bin = np.where(ok, iphi * self.nq + iq, -1).astype(np.int64)
         self.pixel_bin = pixel_bin
