@@ -490,6 +490,8 @@ class HostModule:
         g, b = _dims(grid, "grid"), _dims(block, "block")
         if b[0] * b[1] * b[2] > 1024:
             raise GpusmdError(f"host launch: {b[0] * b[1] * b[2]} threads per block > 1024")
+        if max(g[1], g[2]) > 65535:                  # CUDA's gridDim.y / gridDim.z limit
+            raise GpusmdError(f"host launch: grid {g} beyond 65535 in y or z")
         converted = [self._convert(function, p, a) for p, a in zip(params, args)]
         fn(*g, *b, int(shared_mem), *converted)
         error = self._lib.gpusmd_host_last_error()
@@ -1172,12 +1174,13 @@ def spectrum_gpu(data, edges, pixels=None):
     cupy = _cupy()
     data, pixels, npix, edges, nbins = _spectrum_args(cupy, data, pixels, edges)
     out = cupy.zeros((data.shape[0], nbins), dtype=cupy.uint32)
-    if npix and data.shape[0]:
+    if npix:
         blocks = min(-(-npix // SPECTRUM_BLOCK), 64)
-        get_function("spectrum", "spectrum_counts")(
-            (blocks, data.shape[0]), (SPECTRUM_BLOCK,),
-            (data, pixels if pixels is not None else 0, np.int64(data.shape[1]), np.int64(npix),
-             edges, np.int32(nbins), out), shared_mem=4 * nbins)
+        kernel = get_function("spectrum", "spectrum_counts")
+        for b, count in _event_chunks(data.shape[0]):
+            kernel((blocks, count), (SPECTRUM_BLOCK,),
+                   (data[b], pixels if pixels is not None else 0, np.int64(data.shape[1]),
+                    np.int64(npix), edges, np.int32(nbins), out[b]), shared_mem=4 * nbins)
     return out.astype(cupy.int32)
 
 
@@ -1185,8 +1188,9 @@ def spectrum_host(data, edges, pixels=None, blocks: int = 3, block: int = 32):
     """The same kernel on the CPU through the host build (tests)."""
     data, pixels, npix, edges, nbins = _spectrum_args(np, data, pixels, edges)
     out = np.zeros((data.shape[0], nbins), dtype=np.uint32)
-    if npix and data.shape[0]:
-        host_module("spectrum").launch("spectrum_counts", (blocks, data.shape[0]), block, data,
-                                       pixels, data.shape[1], npix, edges, nbins, out,
-                                       shared_mem=4 * nbins)
+    if npix:
+        module = host_module("spectrum")
+        for b, count in _event_chunks(data.shape[0]):
+            module.launch("spectrum_counts", (blocks, count), block, data[b], pixels,
+                          data.shape[1], npix, edges, nbins, out[b], shared_mem=4 * nbins)
     return out.astype(np.int32)

@@ -1,7 +1,8 @@
 // Per-event histogram of values (the spectrum function): numpy.histogram's bins
 // [e_i, e_i+1), the last one closed; NaN and values outside the edges are not counted.
-// One event per blockIdx.y; each block counts into private shared-memory bins (no global
-// atomics on one hot bin) and adds them to the event's row once.
+// One event per blockIdx.y (at most 65535 a launch: gpusmd.cuda splits larger batches);
+// each block counts into private shared-memory bins (no global atomics on one hot bin)
+// and adds them to the event's row once.
 #ifndef __CUDACC__
 #include "cuda_host.h"
 #endif

@@ -22,6 +22,55 @@ def test_spectrum_kernel_equals_numpy_histogram(edges):
     np.testing.assert_array_equal(spectrum_host(data, edges, pixels), expected)
 
 
+def test_spectrum_kernel_splits_batches_beyond_the_grid_limit():
+    """More events than CUDA's gridDim.y (65535, which the host launch enforces too): the
+    batch goes in launches of at most 65535 events and counts as numpy.histogram."""
+    from gpusmd.cuda import host_module
+    from gpusmd.errors import GpusmdError
+    rng = np.random.default_rng(5)
+    data = rng.normal(0, 2, (65535 + 300, 5)).astype(np.float32)
+    edges = np.array([-3.0, -1.0, 0.0, 1.0, 3.0])
+    pixels = np.array([0, 2, 3, 4])
+    got = spectrum_host(data, edges, pixels, blocks=1, block=1)
+    expected = np.array([np.histogram(d[pixels], edges)[0] for d in data])
+    np.testing.assert_array_equal(got, expected)
+    with pytest.raises(GpusmdError, match="65535"):
+        host_module("spectrum").launch("spectrum_counts", (1, 65536), 1, data, None, 5, 5,
+                                       edges, 4, np.zeros((65536, 4), np.uint32))
+
+
+def test_spectrum_feature_gives_the_kernel_its_good_pixels(monkeypatch):
+    """The spectrum function's device path hands the kernel the frames and the list of
+    good pixels (here the kernel's host build on a stand-in device backend holding NumPy
+    arrays): the counts of the CPU path, numpy.histogram of the good pixels."""
+    import gpusmd.features.spectrum as sp
+    from gpusmd.backend import Backend
+    from gpusmd.config import Where
+    from gpusmd.detectors import get_detector
+    seen = []
+
+    def kernel(data, edges, pixels=None):
+        seen.append((data.shape, None if pixels is None else pixels.size))
+        return spectrum_host(data, edges, pixels)
+
+    monkeypatch.setattr(sp, "spectrum_gpu", kernel)
+    model = get_detector("camera", (30, 40))
+    rng = np.random.default_rng(8)
+    mask = (rng.random(model.shape) > 0.2).astype(np.uint8)
+    frames = rng.normal(3, 4, (4, *model.shape)).astype(np.float32)
+    params = {"bins": [-5, 15, 40]}
+    out = {}
+    for name in ("gpu", "cpu"):
+        f = sp.Spectrum("s", params, model, {"cmask": mask}, Backend(name, np),
+                        Where("t.yaml", "f"))
+        out[name] = f.process(frames)["histogram"]
+    assert seen == [((4, 1200), int(mask.sum()))]      # whole frames, no masked copy
+    np.testing.assert_array_equal(out["gpu"], out["cpu"])
+    edges = np.linspace(-5, 15, 41)
+    np.testing.assert_array_equal(out["cpu"], [np.histogram(f[mask != 0], edges)[0]
+                                               for f in frames])
+
+
 @pytest.mark.gpu
 def test_spectrum_gpu_equals_numpy_histogram():
     from gpusmd.backend import get_backend

@@ -84,6 +84,8 @@ class Spectrum(Feature):
         self.nbins = len(self.edges) - 1
         mask = input_mask(self, params, where)
         self.good = None if mask is None or mask.all() else xp.asarray(mask.reshape(-1) != 0)
+        # the kernel reads the good pixels from the frames through this list (no copy)
+        self.pixels = None if self.good is None else xp.flatnonzero(self.good).astype(xp.int64)
         self.mask_name = "none" if mask is None else params.get("mask", "cmask")
         self.d_edges = xp.asarray(self.edges)           # (counts_array's xp)
         width = np.diff(self.edges)
@@ -92,14 +94,14 @@ class Spectrum(Feature):
     def process(self, calib):
         xp = self.backend.xp
         nb = len(calib)
-        values = calib.reshape(nb, -1)
-        if self.good is not None:
-            values = values[:, self.good]
+        frames = calib.reshape(nb, -1)
+        if self.backend.is_gpu and self.nbins <= SPECTRUM_MAX_BINS:
+            # the kernel: private shared-memory bins per block
+            return {"histogram": spectrum_gpu(frames, self.edges, self.pixels)}
+        values = frames if self.good is None else frames[:, self.good]
         if not self.backend.is_gpu:          # NumPy's own histogram is the fast path here
             counts = [np.histogram(v, self.edges)[0] for v in values]
             return {"histogram": np.asarray(counts, np.int32).reshape(nb, self.nbins)}
-        if self.nbins <= SPECTRUM_MAX_BINS:  # the kernel: private shared-memory bins per block
-            return {"histogram": spectrum_gpu(values, self.edges)}
         return {"histogram": self.counts_array(xp, values)}
 
     def counts_array(self, xp, values):
