@@ -39,9 +39,9 @@ pixel). Output: ``nDroplets``, ``nDroplets_all`` (B,) and either a :class:`Ragge
 set, fixed arrays ``data, npix, row, col, tile`` (B, nData) holding the first nData
 droplets, zero-padded.
 
-Memory (GPU): per pixel of a batch the finder holds the float32 frames (a view when the
-calibrated batch is float32), a few bool maps and two int32 label maps at its peak, see
-:func:`finder_bytes_per_pixel`.
+Memory (GPU): per pixel of a batch the finder holds a few bool maps and two int32 label
+maps at its peak (the frames are a view of the float32 calibrated batch), plus per pixel
+in a droplet its records; see :func:`droplet_bytes_per_pixel`.
 
 Chaining: a droplet feeds its droplets to children (``parent: droplet``). Its
 ``output_shape`` is a :class:`DropletOutput` (its input shape, marked, carrying its
@@ -116,10 +116,16 @@ def repeat_index(xp, counts):
     return xp.searchsorted(ends, xp.arange(total, dtype=xp.int64), side="right")
 
 
+def counts(xp, x, n, weights=None):
+    """bincount(x, weights, minlength=n)[:n], also for an empty x (CuPy refuses it)."""
+    if not x.size:
+        return xp.zeros(n, xp.int64 if weights is None else xp.float64)
+    return xp.bincount(x, weights=weights, minlength=n)[:n]
+
+
 def rank_in_event(xp, event, nevents):
     """For records sorted by event: their index within the event; and lengths (B,)."""
-    lengths = xp.bincount(event, minlength=nevents)[:nevents] if event.size else \
-        xp.zeros(nevents, xp.int64)
+    lengths = counts(xp, event, nevents)
     starts = xp.cumsum(lengths) - lengths
     return xp.arange(event.size, dtype=xp.int64) - starts[event], lengths
 
@@ -199,25 +205,21 @@ def join_neighbour(xp, labels, grown, key):
     """Labels for the grown pixels without merging: each unlabelled grown pixel takes the
     label of its labelled 4-neighbour of the largest ``key`` (ties: first of up, down,
     left, right). ``key`` > -1 on labelled pixels."""
-    best_key = xp.full(labels.shape, -1, key.dtype)
     best_lab = xp.zeros_like(labels)
-    for dst, src in _SHIFTS:
-        better = (labels[src] > 0) & (key[src] > best_key[dst])
-        best_key[dst] = xp.where(better, key[src], best_key[dst])
-        best_lab[dst] = xp.where(better, labels[src], best_lab[dst])
-    del best_key
-    return xp.where(grown & (labels == 0), best_lab, labels)
-
-
-def finder_bytes_per_pixel(params: dict | None = None) -> int:
-    """Device bytes per pixel of a batch the finder holds at its peak (the growth step):
-    frames float32 (4), lit / grown / touching / comparison bools (4 x 1), seed labels
-    and new labels int32 (2 x 4); without relabel, the join's key, label and temporaries
-    (about 3 x 4 more). The per-droplet records are per lit pixel, not counted."""
-    params = params or {}
-    if params.get("relabel", True):
-        return 4 + 4 + 2 * 4
-    return 4 + 4 + 5 * 4
+    if key is labels:          # the largest label: smalldata's maximum filter
+        for dst, src in _SHIFTS:
+            xp.maximum(best_lab[dst], labels[src], out=best_lab[dst])
+    else:
+        best_key = xp.full(labels.shape, -1, key.dtype)
+        for dst, src in _SHIFTS:
+            better = (labels[src] > 0) & (key[src] > best_key[dst])
+            xp.copyto(best_key[dst], key[src], where=better)
+            xp.copyto(best_lab[dst], labels[src], where=better)
+        del best_key
+    best_lab[labels != 0] = 0          # seeds keep their own label
+    best_lab *= grown
+    best_lab += labels
+    return best_lab
 
 
 class DropletOutput(tuple):
@@ -373,7 +375,7 @@ class DropletFinder:
         ev_of[lab] = sel // (nseg * R * C)
         tile_of[lab] = pix // (R * C)
         ev_of, tile_of = ev_of[1:], tile_of[1:]
-        n_all = xp.bincount(ev_of, minlength=B)[:B] if n else xp.zeros(B, xp.int64)
+        n_all = counts(xp, ev_of, B)
         # labels are numbered in raster order, events outermost: already sorted by event
         keep = xp.arange(n, dtype=xp.int64)
         if self.thres_adu is not None:
@@ -421,12 +423,25 @@ class Droplet(Feature):
                   "col": drops["col"].astype(xp.float32),
                   "tile": drops["tile"].astype(xp.int16)}
         out = pack(xp, drops["event"], fields, B, self.ndata)
-        ev = drops["event"]
-        out["nDroplets"] = (xp.bincount(ev, minlength=B)[:B] if ev.size
-                            else xp.zeros(B, xp.int64)).astype(xp.int32)
+        out["nDroplets"] = counts(xp, drops["event"], B).astype(xp.int32)
         out["nDroplets_all"] = n_all.astype(xp.int32)
         return out
 
     def config_items(self):
         return {**self.finder.config_items(),
                 "nData": -1 if self.ndata is None else int(self.ndata)}
+
+
+# ---- device memory ------------------------------------------------------------------------
+# What the droplet path (a droplet, a droplet2photons on it or on its own) holds at its
+# peak, measured with tracemalloc on the CPU path and rounded up (tests/test_droplet_memory):
+DROPLET_PIXEL_BYTES = 18    # per pixel of a batch: bool maps and two int32 label maps (the
+                            # growth; 10 with relabel, 16 with joinBrightest, + slack)
+DROPLET_RECORD_BYTES = 128  # per pixel in a droplet: its index, label, value, coordinates
+PHOTON_BYTES = 160          # per photon of droplet2photons: the greedy's candidates, sorted
+
+
+def droplet_bytes_per_pixel(occupancy: float) -> float:
+    """Device bytes per pixel of a batch for droplets, when at most ``occupancy`` of the
+    pixels are in droplets and they hold at most ``occupancy`` photons per pixel."""
+    return DROPLET_PIXEL_BYTES + occupancy * (DROPLET_RECORD_BYTES + PHOTON_BYTES)

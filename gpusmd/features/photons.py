@@ -57,6 +57,7 @@ from .droplet import (
     DROPLET_KEYS,
     DropletFinder,
     check_common,
+    counts,
     neighbours,
     pack,
     repeat_index,
@@ -96,16 +97,13 @@ def _photpts(params, where):
     return pts
 
 
-def _records_from_counts(xp, count, nevents, ndata):
-    """count map (B, nseg, R, C) -> one record per photon (row, col, tile), packed."""
-    _, nseg, R, C = count.shape
-    flat = count.reshape(-1)
-    nz = xp.flatnonzero(flat)
-    idx = nz[repeat_index(xp, flat[nz])]
-    pix = idx % (nseg * R * C)
+def _records_from_photons(xp, at, seg, nevents, ndata):
+    """Sorted batch pixel indices, one per photon -> records (row, col, tile), packed."""
+    nseg, R, C = seg
+    pix = at % (nseg * R * C)
     fields = {"row": ((pix // C) % R).astype(xp.int16), "col": (pix % C).astype(xp.int16),
               "tile": (pix // (R * C)).astype(xp.int16)}
-    return pack(xp, idx // (nseg * R * C), fields, nevents, ndata)
+    return pack(xp, at // (nseg * R * C), fields, nevents, ndata)
 
 
 @register
@@ -155,15 +153,15 @@ class Droplet2Photons(Feature):
         drops, labels, v, _ = f(calib)
         nd = drops["data"].size
         nph = self.photons_per_droplet(drops["data"])                  # (ndrop,)
-        size = B * npix_ev
-        count = xp.zeros(size, xp.int64)
+        # the batch pixel index of every photon (no per-pixel map: memory stays per photon)
+        photons = [xp.zeros(0, xp.int64)]
         # single photons: at the pixel nearest the centre of mass
         one = xp.flatnonzero(nph == 1)
         if one.size:
             r = xp.clip(xp.floor(drops["row"][one] + 0.5), 0, R - 1).astype(xp.int64)
             c = xp.clip(xp.floor(drops["col"][one] + 0.5), 0, C - 1).astype(xp.int64)
-            at = drops["event"][one] * npix_ev + drops["tile"][one] * (R * C) + r * C + c
-            count += xp.bincount(at, minlength=size)
+            photons.append(drops["event"][one] * npix_ev + drops["tile"][one] * (R * C)
+                           + r * C + c)
         # several photons: greedy on the brightest pixels (see the module docstring)
         if nd and int((nph >= 2).sum()):
             lab_flat = labels.reshape(-1)
@@ -189,17 +187,19 @@ class Droplet2Photons(Feature):
             first = xp.searchsorted(cd_sorted, cd_sorted, side="left")
             rank = xp.arange(order.size, dtype=xp.int64) - first
             chosen = order[rank < nph[cd_sorted]]
-            count += xp.bincount(sel[which[chosen]], minlength=size)
-        count = count.reshape(B, nseg, R, C)
-        out = _records_from_counts(xp, count, B, self.ndata)
-        out["nPhotons"] = count.reshape(B, -1).sum(axis=1).astype(xp.int32)
-        good_counts = count[:, f.good]                                  # (B, ngood)
-        ev = xp.broadcast_to(xp.arange(B, dtype=xp.int64)[:, None], good_counts.shape)
-        inb = good_counts < NPROB
-        hist = xp.bincount((ev * NPROB + good_counts)[inb], minlength=B * NPROB)
+            photons.append(sel[which[chosen]].astype(xp.int64))
+        at = xp.sort(xp.concatenate(photons))
+        out = _records_from_photons(xp, at, f.seg, B, self.ndata)
+        out["nPhotons"] = counts(xp, at // npix_ev, B).astype(xp.int32)
+        # photons per good pixel: the pixels holding k >= 1, the rest hold 0
+        pixel, k = xp.unique(at[f.good.reshape(-1)[at % npix_ev]], return_counts=True)
+        pev = pixel // npix_ev
+        inb = k < NPROB
+        hist = counts(xp, pev[inb] * NPROB + k[inb], B * NPROB).reshape(B, NPROB)
+        hist[:, 0] = f.ngood - counts(xp, pev, B)
         ngood = max(f.ngood, 1)
-        out["prob"] = (hist[:B * NPROB].reshape(B, NPROB) / ngood).astype(xp.float32)
-        out["mean"] = (good_counts.sum(axis=1) / ngood).astype(xp.float32)
+        out["prob"] = (hist / ngood).astype(xp.float32)
+        out["mean"] = (counts(xp, pev, B, weights=k) / ngood).astype(xp.float32)
         return out
 
     def config_items(self):
