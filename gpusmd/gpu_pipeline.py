@@ -17,6 +17,10 @@ workspace              B x n x 4            one float32 batch of temporaries (AD
                                             values in the split path, feature scratch)
 common_mode_work       B x n x 9            adu float32 + scale float32 + good bool
                                             (common-mode path only)
+droplets               B x n x d            droplet finding and photon placement:
+                                            d = 18 + o x 288 at occupancy o (pixels in
+                                            droplets, photons per pixel; default 0.05),
+                                            features.droplet.droplet_bytes_per_pixel
 lut                    rows x n x 8         (pedestal, mask / gain) float2; rows: the
                                             gain ranges (+ 1 for epix10k: no range)
 control_bits           n                    epix10k per-pixel control bits, uint8
@@ -42,20 +46,23 @@ import numpy as np
 
 from .detectors import DETECTORS, DetectorModel, get_detector
 from .errors import GpusmdError
+from .features.droplet import droplet_bytes_per_pixel
 
 GiB, MiB = 2 ** 30, 2 ** 20
 RESERVE_BYTES = 256 * MiB
 DEFAULT_FUNCTIONS = 2          # pixel-binned functions assumed by default (e.g. 2 azav)
 DEFAULT_SUMS = 2               # sum images assumed by default (e.g. calib, calib_max)
+DEFAULT_DROPLET_OCCUPANCY = 0.05   # droplets allowed for: 5% of the pixels, 0.05 photons
 
 # the device entries of a report, in the order they are printed
-DEVICE_KEYS = ("raw_batches", "calibrated", "workspace", "common_mode_work", "lut",
+DEVICE_KEYS = ("raw_batches", "calibrated", "workspace", "common_mode_work", "droplets", "lut",
                "control_bits", "common_mode_tables", "feature_maps", "sums", "reserve")
 DESCRIPTIONS = {
     "raw_batches": "raw batches on the device (x2, double-buffered)",
     "calibrated": "calibrated batch, float32",
     "workspace": "temporaries, one float32 batch",
     "common_mode_work": "common-mode working arrays (adu, scale, good)",
+    "droplets": "droplet labels and records, photon placement",
     "lut": "calibration look-up table (rows, npix, 2) float32",
     "control_bits": "epix10k control bits",
     "common_mode_tables": "switch tables (3 x nstate x npix) + rms",
@@ -73,11 +80,13 @@ def _switch_states(model: DetectorModel) -> int:
 
 def memory_report(model: DetectorModel, batch_size: int, n_functions_hint: int = DEFAULT_FUNCTIONS,
                   n_sums: int = DEFAULT_SUMS, common_mode: bool = True,
-                  reserve_bytes: int = RESERVE_BYTES) -> dict:
+                  reserve_bytes: int = RESERVE_BYTES,
+                  droplet_occupancy: float | None = DEFAULT_DROPLET_OCCUPANCY) -> dict:
     """The GPU memory (bytes) one DetectorProcessor needs for ``model`` at ``batch_size``:
     one entry per item of the module docstring's table, ``total`` (the device entries),
     ``per_event`` and ``fixed`` (total = fixed + batch_size x per_event), and
-    ``pinned_host`` (host memory, not in the total)."""
+    ``pinned_host`` (host memory, not in the total). ``droplet_occupancy`` None: no
+    droplet function."""
     if batch_size < 0:
         raise ValueError(f"batch size must be >= 0, got {batch_size}")
     B, n = int(batch_size), model.npix
@@ -87,6 +96,8 @@ def memory_report(model: DetectorModel, batch_size: int, n_functions_hint: int =
         "calibrated": 4 * n,
         "workspace": 4 * n,
         "common_mode_work": 9 * n if common_mode else 0,
+        "droplets": 0 if droplet_occupancy is None else
+        int(np.ceil(n * droplet_bytes_per_pixel(droplet_occupancy))),
     }
     fixed = {
         "lut": (model.ngain + (model.family == "epix10k")) * n * 2 * 4,   # calibrate.lut_rows
