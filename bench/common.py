@@ -10,7 +10,8 @@ import textwrap
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+# $GPUSMD_BENCH_RESULTS sends the tables elsewhere (a rehearsal that must not replace them)
+RESULTS = Path(os.environ.get("GPUSMD_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def prepare_run(workdir: Path, detector: str, n_events: int, functions: str, sums="[calib]",

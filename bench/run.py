@@ -3,6 +3,8 @@ measured in the same run.
 
     python bench/run.py [--backend cpu|gpu|auto] [--recipes R1 R2 R3] [--events N] [--no-tests]
 
+(--backend: default $GPUSMD_BACKEND, else auto.)
+
 R1: epix10k2M, calibration + common mode 85 + 4 ROIs + 2 projections + azimuthal
     integration (500 q bins x 1 and x 16 phi, polarization + solid angle) + sums.
 R2: Jungfrau 4M, calibration + common mode 7 + the same features.
@@ -18,7 +20,9 @@ of the same size (one core), and on a GPU the pinned host-to-device copy bound f
 raw bytes of an event. On a GPU the whole test suite runs first with the CuPy backend
 (GPUSMD_BACKEND=gpu; its summary in bench/results/tests-gpu.txt and in the results'
 notes; a failure is reported and the benchmark still runs); the results go to
-bench/results/recipes-<backend>.{json,md}. A recipe that fails is a row saying so.
+bench/results/recipes-<backend>.{json,md}, written again after each recipe (a run
+stopped half way keeps the recipes done). A recipe that fails is a row saying so; a
+reference that is not installed (psana, pyFAI) is left out.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ from gpusmd.processor import DetectorProcessor  # noqa: E402
 from gpusmd.simulate import simulate_run  # noqa: E402
 
 HAVE_PSANA = importlib.util.find_spec("psana") is not None
+HAVE_PYFAI = importlib.util.find_spec("pyFAI") is not None
 
 AZAV = "{kind: azav, name: %s, center: [0.0, 0.0], dis_to_sam: 80.0, eBeam: 9.5, qedges: %s, phiBins: %d}"
 FEATURES_R12 = """\
@@ -151,7 +156,7 @@ def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
         parent = proc.parents.get(feature.name)
         data = calib if parent is None else parent.child_data
         ref = ref_rate = None
-        if feature.kind == "azav" and feature.nphi == 1:
+        if feature.kind == "azav" and feature.nphi == 1 and HAVE_PYFAI:
             ref, ref_rate = "pyFAI integrate1d, same size, 1 core", pyfai_rate(model, feature)
         add(f"{feature.kind} {feature.name}", timed(backend, lambda: feature.process(data)),
             ref, ref_rate)
@@ -229,7 +234,8 @@ def h2d_rate(backend, raw) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--backend", choices=("auto", "cpu", "gpu"), default=None,
+                   help="default: $GPUSMD_BACKEND, else auto")
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--events", type=int, default=None, help="events per recipe")
     p.add_argument("--psana-events", type=int, default=2)
@@ -247,6 +253,7 @@ def main():
     columns = ["recipe", "stage", "events/s", "GB/s raw", "reference", "reference events/s",
                "ratio"]
     rows = []
+    device = "CPU, one process" if not backend.is_gpu else gpu_name(backend)
     for recipe in args.recipes:
         try:
             rows += run_recipe(recipe, backend, args.events, workdir, args.psana_events)
@@ -254,15 +261,16 @@ def main():
             print(f"{recipe} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
             rows.append([recipe, f"FAILED: {type(e).__name__}: {e}", "", "", "", "", ""])
         print_table(columns, rows)
-    device = "CPU, one process" if not backend.is_gpu else gpu_name(backend)
-    md = write_results(f"recipes-{backend.name}", f"Recipes R1-R3 on the {backend.name} backend "
-                       f"({device})", columns, rows,
-                       notes=f"`python bench/run.py --backend {args.backend}`; best of 3 per "
-                       "stage, batches of all the recipe's events at once. References: psana's "
-                       f"det.raw.calib (psana {psana_version()}) and the psana-style loops on "
-                       f"{args.psana_events} events (psana's after a first one, where it builds "
-                       "its caches); bench/psana_reference.py compares with psana in more "
-                       "detail." + tests)
+        md = write_results(f"recipes-{backend.name}", f"Recipes {' '.join(args.recipes)} on "
+                           f"the {backend.name} backend ({device})", columns, rows,
+                           notes=f"`python bench/run.py --backend {backend.name}`; best of 3 per "
+                           "stage, batches of all the recipe's events at once. References: "
+                           f"psana's det.raw.calib (psana {psana_version()}) and the "
+                           f"psana-style loops on {args.psana_events} events (psana's after a "
+                           "first one, where it builds its caches); pyFAI "
+                           f"({'installed' if HAVE_PYFAI else 'not installed'}); "
+                           "bench/psana_reference.py compares with psana in more detail."
+                           + tests)
     print(f"wrote {md}")
 
 
