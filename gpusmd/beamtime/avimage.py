@@ -68,6 +68,15 @@ def choose_detector(config: Config, name: str | None) -> str:
     return name
 
 
+def calibration_processors(config: Config, run, detectors, backend: Backend) -> dict:
+    """The config's processing of ``detectors`` of an open run, calibration only (its
+    functions and sums are left out: the calibrated frames are all that is needed)."""
+    dets = {det: dataclasses.replace(config.detectors[det], functions=[], sums=[])
+            for det in detectors}
+    return build_processors(dataclasses.replace(config, detectors=dets),
+                            RunInfo.from_run(run, detectors=list(detectors)), backend)
+
+
 def average_image(source, config: Config, detector: str | None = None, n_events: int = 100,
                   selection: Selection | None = None, stat: str = "mean",
                   backend: Backend | None = None, batch_size: int | None = None,
@@ -83,12 +92,9 @@ def average_image(source, config: Config, detector: str | None = None, n_events:
     selection = selection or Selection()
     backend = backend or get_backend(config=config.backend)
     batch = batch_size or config.batch_size
-    # only the calibration: the functions and sums of the config are not needed here
-    dcfg = dataclasses.replace(config.detectors[det], functions=[], sums=[])
-    one = dataclasses.replace(config, detectors={det: dcfg})
     with open_run(source, [det]) as run:
         selection.check(run.scalar_dtypes, str(run.source))
-        proc = build_processors(one, RunInfo.from_run(run, detectors=[det]), backend)[det]
+        proc = calibration_processors(config, run, [det], backend)[det]
         shape = proc.model.shape
         sums = RunSums(["calib", "calib_square", "calib_max"], shape, backend)
         frames = np.empty((n_events, *shape), np.float32) if stat == "median" else None
