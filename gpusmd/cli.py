@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--type", help="gpusmd detector type (default: from the shapes)")
         c.add_argument("--force", action="store_true", help="replace an existing output")
         c.set_defaults(func=cmd_constants)
+
+    from .beamtime.commands import add_commands
+    add_commands(sub)           # avimage, beamcenter, mask, cube
     return p
 
 
