@@ -2,6 +2,7 @@
 
 Each test runs the real commands; a reference file comes from the in-process replay of
 the same run."""
+import re
 import signal
 import textwrap
 import threading
@@ -142,7 +143,10 @@ def test_worker_killed_mid_run(setup):
     assert status == 0
     assert chain.workers[0].returncode == -signal.SIGKILL
     log = read_log(setup, out, "ingest")
-    assert "worker0 silent" in log and "re-sending batches []" not in log
+    # its batches go to the other worker: when it is found silent, or earlier when the
+    # acknowledgements stop (a slow machine)
+    assert "worker0 silent" in log
+    assert re.search(r"re-sending batches \[\d|not acknowledged \[\d", log)
     assert_same_datasets(out, setup / "reference.h5")
 
 

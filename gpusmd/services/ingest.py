@@ -374,8 +374,7 @@ class Ingest:
                 self.quiet.warning(f"worker {name} silent for {now - w.last_seen:.1f} s: "
                                    f"dropped; re-sending batches {lost}", kind=f"drop {name}")
                 self.metrics.inc("resent_batches", len(lost))
-                for b in reversed(lost):
-                    self.pending.appendleft(self.in_flight.pop(b)[0])
+                self.requeue([self.in_flight.pop(b)[0] for b in lost])
 
     def on_ack(self, frames):
         try:
@@ -418,12 +417,17 @@ class Ingest:
         self.send_again("a sink started")
 
     def check_acks(self):
-        """No acknowledgement for ack_timeout_s while batches are out for longer: the sink
-        may have missed them (it was restarted, its hello lost): the run goes to it again."""
+        """No acknowledgement for ack_timeout_s while the earliest batch out (the one the
+        sink, writing in order, waits for) is out for longer: the sink may have missed it
+        (it was restarted, its hello lost): the run goes to it again."""
+        if not self.in_flight:
+            return
+        first = min(self.in_flight)
+        if self.pending and self.pending[0].id < first:
+            return      # the sink waits for a batch not sent yet: no ack is due
         timeout = self.cfg.ack_timeout
         now = time.monotonic()
-        if (self.in_flight and now - self.last_ack > timeout
-                and now - min(b.sent_at for b, _ in self.in_flight.values()) > timeout):
+        if now - self.last_ack > timeout and now - self.in_flight[first][0].sent_at > timeout:
             self.send_again(f"no acknowledgement for {timeout:g} s")
 
     def send_again(self, why: str):
@@ -439,12 +443,20 @@ class Ingest:
                            f"not acknowledged {lost} to the workers",
                            kind="send again")
         self.metrics.inc("resent_batches", len(lost))
-        for b in reversed(lost):
+        again = []
+        for b in lost:
             batch, name = self.in_flight.pop(b)
             w = self.workers.get(name)
             if w is not None:
                 w.batches.discard(b)
-            self.pending.appendleft(batch)
+            again.append(batch)
+        self.requeue(again)
+
+    def requeue(self, batches: list):
+        """Batches to send again, among the waiting ones in batch order: the sink writes in
+        order, so the earliest batch must go first (else later ones, sent again and again,
+        hold it back)."""
+        self.pending = deque(sorted([*self.pending, *batches], key=lambda b: b.id))
 
     def heartbeat(self):
         """The open run's heartbeat to the sink (it closes a run whose ingest is gone)."""
