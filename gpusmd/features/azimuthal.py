@@ -87,6 +87,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Where, check_type
+from ..cuda import hist_plan, histogram_gpu, histogram_numpy
 from ..geometry import detector_coords
 from . import Feature, register
 from .roi import parse_thresholds
@@ -476,14 +477,14 @@ class AzimuthalIntegration(Feature):
         self.pixel_bin = pixel_bin
         self.counts = np.bincount(pixel_bin[ok].ravel(), minlength=self.nbins
                                   ).reshape(self.nphi, self.nq)
-        # device arrays: bad pixels go to an extra "trash" bin nbins, weight 0
-        self._bin = xp.asarray(np.where(ok, pixel_bin, self.nbins).ravel().astype(np.int64))
-        inv = np.where(ok, 1.0 / np.where(ok, corr, 1.0), 0.0)
-        self._inv_corr = xp.asarray(inv.ravel().astype(np.float32))
+        inv = np.where(ok, 1.0 / np.where(ok, corr, 1.0), 0.0).astype(np.float32)
+        # the pixels' summation order, the same on the CPU and the GPU (kernels/histogram.cu)
+        self._plan = hist_plan(pixel_bin, inv, self.nbins)
+        if backend.is_gpu:
+            self._plan = self._plan.to(xp)
         with np.errstate(divide="ignore"):
             inv_counts = np.where(self.counts > 0, 1.0 / np.maximum(self.counts, 1), np.nan)
         self._inv_counts = xp.asarray(inv_counts.ravel())
-        self._flat_cache = (None, None)
 
     def _load_user_mask(self, path, where):
         path = Path(path)
@@ -495,35 +496,14 @@ class AzimuthalIntegration(Feature):
                               f"{self.model.shape}")
         return m.reshape(self.model.shape) != 0
 
-    def _flat_index(self, batch):
-        """(B * npix,) bin index of (event, pixel) in a (B, nbins + 1) histogram."""
-        cached_b, flat = self._flat_cache
-        if cached_b != batch:
-            xp = self.backend.xp
-            offs = xp.arange(batch, dtype=xp.int64)[:, None] * (self.nbins + 1)
-            flat = (offs + self._bin[None, :]).ravel()
-            self._flat_cache = (batch, flat)
-        return flat
-
     def process(self, calib):
         xp = self.backend.xp
         batch = calib.shape[0]
         data = calib.reshape(batch, -1)
-        if self.backend.is_gpu:         # privatised shared-memory histogram per block
-            from ..cuda import histogram_gpu
-            if not hasattr(self, "_gpu_bin"):
-                self._gpu_bin = xp.asarray(self.pixel_bin.ravel().astype(np.int32))
-            sums = histogram_gpu(data, self._gpu_bin, self._inv_corr, self.nbins, self.lo, self.hi)
-            azav = (sums * self._inv_counts[None, :]).astype(xp.float32)
-            return {"azav": azav.reshape(batch, self.nphi, self.nq)}
-        if self.lo is not None:
-            data = xp.where(data < self.lo, xp.float32(0), data)
-        if self.hi is not None:
-            data = xp.where(data > self.hi, xp.float32(0), data)
-        weights = (data * self._inv_corr[None, :]).ravel()
-        sums = xp.bincount(self._flat_index(batch), weights=weights,
-                           minlength=batch * (self.nbins + 1))
-        sums = sums.reshape(batch, self.nbins + 1)[:, :self.nbins]
+        if self.backend.is_gpu:
+            sums = histogram_gpu(data, self._plan, self.lo, self.hi)
+        else:
+            sums = histogram_numpy(data, self._plan, self.lo, self.hi)
         azav = (sums * self._inv_counts[None, :]).astype(xp.float32)
         return {"azav": azav.reshape(batch, self.nphi, self.nq)}
 
