@@ -208,6 +208,10 @@ def add_memory_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sums", type=int, default=DEFAULT_SUMS, help="sum images")
     p.add_argument("--no-common-mode", action="store_true",
                    help="no common-mode correction (the fused calibration only)")
+    p.add_argument("--droplet-occupancy", type=float, default=DEFAULT_DROPLET_OCCUPANCY,
+                   help="the fraction of pixels in droplets (and photons a pixel) to allow "
+                        "for (default %(default)s)")
+    p.add_argument("--no-droplets", action="store_true", help="no droplet function")
     p.add_argument("--free-gib", type=float, default=None,
                    help="free GPU memory to check against (default: ask the device)")
     return p
@@ -217,8 +221,11 @@ def cmd_memory(args) -> int:
     model = get_detector(args.detector, args.shape)
     if args.batch_size < 1:
         raise GpusmdError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 0 <= args.droplet_occupancy <= 1:
+        raise GpusmdError(f"--droplet-occupancy must be in [0, 1], got {args.droplet_occupancy}")
     kw = {"n_functions_hint": args.functions, "n_sums": args.sums,
-          "common_mode": not args.no_common_mode}
+          "common_mode": not args.no_common_mode,
+          "droplet_occupancy": None if args.no_droplets else args.droplet_occupancy}
     print(format_report(memory_report(model, args.batch_size, **kw)))
     free = int(args.free_gib * GiB) if args.free_gib is not None else device_free_bytes()
     if free is None:
@@ -478,9 +485,12 @@ def _memory_error(procs, batch_size, e) -> GpusmdError:
     if batch_size <= 1:
         return GpusmdError(msg + "; use --backend cpu or a card with more memory")
     best = batch_size // 2
+    droplets = any(f.kind in ("droplet", "droplet2photons") for p in procs.values()
+                   for f in getattr(p, "features", ()))
+    kw = {} if droplets else {"droplet_occupancy": None}
     if total:
-        best = max(1, min(best, largest_batch(models, int(total * 0.9))))
-        msg += (f"; estimated need {fmt_bytes(_total(models, batch_size))} "
+        best = max(1, min(best, largest_batch(models, int(total * 0.9), **kw)))
+        msg += (f"; estimated need {fmt_bytes(_total(models, batch_size, **kw))} "
                 f"of the card's {fmt_bytes(total)}")
     return GpusmdError(msg + f"; use --batch-size {best} or less")
 

@@ -1,6 +1,8 @@
 """The GPU memory arithmetic, and the overlapped host -> device loop: its ordering logic
 on the CPU through a fake device whose copies only happen when something waits for
 them, and (with a device) the real CUDA path."""
+import re
+
 import numpy as np
 import pytest
 
@@ -101,6 +103,18 @@ def test_memory_cli(capsys):
     assert main_memory(["--detector", "camera", "--shape", "512", "512", "--batch-size", "8",
                         "--free-gib", "4"]) == 0
     assert "fits" in capsys.readouterr().out
+    # without droplets the droplet line goes and the total drops by its bytes
+    main_memory(["--detector", "jungfrau4M", "--batch-size", "32", "--free-gib", "100"])
+    with_drops = capsys.readouterr().out
+    main_memory(["--detector", "jungfrau4M", "--batch-size", "32", "--free-gib", "100",
+                 "--no-droplets"])
+    without = capsys.readouterr().out
+    assert "droplet labels" in with_drops and "droplet labels" not in without
+    total = [float(re.search(r"total GPU memory +([\d.]+) GiB", o)[1]) for o in (with_drops, without)]
+    drops = float(re.search(r"photon placement +([\d.]+) GiB", with_drops)[1])
+    assert abs(total[0] - total[1] - drops) < 0.15
+    assert main_memory(["--detector", "camera", "--shape", "8", "8",
+                        "--droplet-occupancy", "2"]) == 2
 
 
 # ---- a fake device: copies are queued on their stream and run only when waited for -------
