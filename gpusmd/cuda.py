@@ -987,7 +987,7 @@ class HistPlan:
     the counted pixels sorted by bin (pixels ascending within a bin), each bin's entries
     cut into chunks of lanes x slice_len, a chunk into ``lanes`` interleaved slices
     (entries start, start + lanes, ... below stop). Arrays on the host (NumPy);
-    :meth:`to` copies them to another array module."""
+    :meth:`to` copies the kernels' to another array module."""
     npix: int
     nbins: int
     lanes: int
@@ -1005,9 +1005,11 @@ class HistPlan:
         return len(self.bin_of_slice)
 
     def to(self, xp) -> "HistPlan":
+        """The plan for the kernels with their arrays in module ``xp`` (8 bytes per counted
+        pixel; the NumPy path's per-pixel arrays are left out)."""
         return HistPlan(self.npix, self.nbins, self.lanes, *(xp.asarray(a) for a in (
-            self.perm, self.wsorted, self.slice_start, self.slice_stop, self.bin_slices,
-            self.weight, self.slice_of_pixel, self.bin_of_slice)))
+            self.perm, self.wsorted, self.slice_start, self.slice_stop, self.bin_slices)),
+            None, None, self.bin_of_slice)
 
 
 def hist_plan(bins, weight, nbins: int, slice_len: int = HIST_SLICE,

@@ -14,9 +14,7 @@ from gpusmd.features.azimuthal import (
     HC_PYFAI_KEV_A,
     AzimuthalIntegration,
     image_origin,
-    pixel_angles,
     read_poni,
-    smalldata_frame,
     smalldata_to_pyfai,
 )
 

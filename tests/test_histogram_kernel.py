@@ -49,6 +49,8 @@ def test_host_build_equals_numpy_path_for_any_launch(nbins, hot, lo, hi):
     for blocks, block in [(1, 1), (3, 32), (7, 64), (64, 128)]:
         got = cuda.histogram_host(data, plan, lo, hi, blocks=blocks, block=block)
         np.testing.assert_array_equal(got, expected)
+    # the kernels' arrays alone (what a device plan holds)
+    np.testing.assert_array_equal(cuda.histogram_host(data, plan.to(np), lo, hi), expected)
     # one event at a time: the same sums
     np.testing.assert_array_equal(
         np.concatenate([cuda.histogram_host(data[i:i + 1], plan, lo, hi) for i in range(3)]),
