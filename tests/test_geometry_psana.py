@@ -314,8 +314,9 @@ def test_psana_default_for_jungfrau1M_reaches_image_and_azav(tmp_path, jungfrau_
     proc = DetectorProcessor(cfg.detectors["jungfrau1M"], model, get_backend("cpu"))
     (rx, ry, rz), _ = psana_coords(psana_default_file("jungfrau1M"))
     image, azav = proc.features
-    # azav: the q of every pixel from psana's x, y (z ignored: the detector is the plane z = d)
-    d_mm, lam = 80.0, 12.398419843320026 / 9.5
+    # azav: the q of every pixel from psana's x, y (z constant, so smalldata's z_off = 0),
+    # with smalldata_tools' h c (azimuthalBinning: 12398.4 eV A)
+    d_mm, lam = 80.0, 12.3984 / 9.5
     r = np.sqrt(((rx - 1000) / 1e3) ** 2 + ((ry + 500) / 1e3) ** 2)
     q = 4 * np.pi / lam * np.sin(np.arctan2(r, d_mm) / 2)
     np.testing.assert_allclose(azav.q_map.reshape(rx.shape), q, rtol=1e-9)
