@@ -17,9 +17,10 @@
 #   3. the backend the machine gets (auto's device check) and imports
 #   4. python -m pytest -m gpu (the tests that need a CUDA device)
 #   5. the feature, calibration and replay tests with GPUSMD_BACKEND=gpu
-#   6. gpusmd demo --backend gpu (services with GPU workers, checked against the
+#   6. python bench/run.py --backend gpu --no-tests (recipes R1-R3)
+#   7. gpusmd demo --backend gpu (services with GPU workers, checked against the
 #      in-process replay)
-#   7. python bench/run.py --backend gpu --no-tests (recipes R1-R3)
+# Where CuPy cannot run a kernel (step 3), the check stops there.
 # Everything goes to $OUT (at most 8 files: summary.md, gpu_check.log, device.txt,
 # tests-marked-*.txt, tests-backend-*.txt, demo-*.txt, recipes-*.md / .json) and, on a
 # GPU, to bench/results/ (gpu-check.md, recipes-gpu.*). The summary is rewritten after
@@ -148,7 +149,7 @@ step "device" 30 "$WORK/device.txt" device_report
 cp "$WORK/device.txt" "$OUT/device.txt"
 DEVICE=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null \
          | head -n 1)
-DEVICE=${DEVICE:-no NVIDIA GPU (CPU rehearsal)}
+DEVICE=${DEVICE:-$([ $MODE = gpu ] && echo "none: nvidia-smi finds no GPU" || echo "no GPU (CPU rehearsal)")}
 write_summary "$ARGS"
 
 # ---- 2. install ---------------------------------------------------------------------
@@ -228,7 +229,18 @@ with warnings.catch_warnings():
 EOF
 }
 export -f backend_report
-step "imports and backend" 60 - backend_report
+step "imports and backend" 60 "$WORK/backend.txt" backend_report
+cat "$WORK/backend.txt" >> "$OUT/device.txt"
+if [ "$MODE" = gpu ] && ! grep -q "backend auto -> gpu" "$WORK/backend.txt"; then
+    # nothing below can pass without a usable GPU: give the machine back early
+    echo "| GPU tests, bench, demo | skipped: CuPy cannot run kernels here (imports and backend) | | |" >> "$ROWS"
+    FAILS=$((FAILS + 1))
+    write_summary "$ARGS"
+    cat "$SUMMARY"
+    exec >&- 2>&-
+    sleep 0.5
+    exit 1
+fi
 
 # ---- 4, 5. tests ----------------------------------------------------------------------
 BACKEND_TESTS=()
@@ -246,17 +258,14 @@ if ! "$PY" -c "import psana" >/dev/null 2>&1; then   # psana's reference tests n
     for f in tests/test_psana_*.py; do [ -e "$f" ] && PYTEST+=("--ignore=$f"); done
     echo "psana is not installed: ${PYTEST[*]:8}"
 fi
-step "pytest -m gpu" 150 "$OUT/tests-marked-$MODE.txt" "${PYTEST[@]}" -m gpu tests
-step "tests with GPUSMD_BACKEND=$MODE" 170 "$OUT/tests-backend-$MODE.txt" \
+step "pytest -m gpu" 120 "$OUT/tests-marked-$MODE.txt" "${PYTEST[@]}" -m gpu tests
+step "tests with GPUSMD_BACKEND=$MODE" 150 "$OUT/tests-backend-$MODE.txt" \
     env GPUSMD_BACKEND=$MODE "${PYTEST[@]}" "${BACKEND_TESTS[@]}"
 
-# ---- 6. the demo ----------------------------------------------------------------------
-step "gpusmd demo --backend $MODE" 90 "$OUT/demo-$MODE.txt" \
-    "${GPUSMD[@]}" demo --backend "$MODE" --outdir "$WORK/demo"
-
-# ---- 7. the benchmark -----------------------------------------------------------------
+# ---- 6. the benchmark -----------------------------------------------------------------
 if [ "$MODE" = gpu ]; then
-    step "bench/run.py --backend gpu" 600 - "$PY" bench/run.py --backend gpu --no-tests \
+    rm -f bench/results/recipes-gpu.md bench/results/recipes-gpu.json   # none from before
+    step "bench/run.py --backend gpu" 240 - "$PY" bench/run.py --backend gpu --no-tests \
         --workdir "$WORK/bench"
     RESULTS=$ROOT/bench/results
 else    # one small recipe, its tables kept out of bench/results
@@ -267,6 +276,10 @@ fi
 for f in "$RESULTS/recipes-$MODE.md" "$RESULTS/recipes-$MODE.json"; do
     [ -f "$f" ] && cp "$f" "$OUT/"
 done
+
+# ---- 7. the demo ----------------------------------------------------------------------
+step "gpusmd demo --backend $MODE" 90 "$OUT/demo-$MODE.txt" \
+    "${GPUSMD[@]}" demo --backend "$MODE" --outdir "$WORK/demo"
 
 write_summary "$ARGS"
 echo
