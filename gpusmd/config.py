@@ -78,7 +78,7 @@ class DetectorConfig:
     name: str
     type: str | None
     calib: Path | None
-    common_mode: int
+    common_mode: int | list | None      # None: the detector's default code
     gain_convention: str
     mask: str
     mask_options: dict
@@ -86,6 +86,8 @@ class DetectorConfig:
     sums: list[str]
     where: Where
     geometry: str | Path | None = None   # a .data / .poni path, or "psana-default"
+    common_mode_convention: str = "psana2"  # how an explicit cmpars list is read
+    common_mode_rules: str = "psana"        # or "gpusmd" (calib/common_mode.py)
 
 
 ADDRESS_KEYS = ("ingest_in", "ingest_work", "ingest_ack", "sink_in")
@@ -196,18 +198,24 @@ class Config:
     user_functions: list = field(default_factory=list)
 
 
-def check_common_mode(value, type_name: str, where: Where):
-    """A code or a [mode, ...] list; checked against the detector when its type is known
-    here (else when the detector is built, still before any work)."""
+def check_common_mode(value, type_name: str, where: Where, convention: str = "psana2"):
+    """A code or a [mode, ...] list (None: the detector's default); checked against the
+    detector when its type is known here (else when the detector is built, still before
+    any work)."""
     from .calib.common_mode import all_codes, resolve
     from .detectors import DETECTORS
+    if value is None:
+        return None
     check_type(value, (int, list), where, "a common-mode code or a cmpars list [mode, ...]")
     if isinstance(value, int) and value not in all_codes():
         raise where.error(f"unknown common-mode code {value} "
                           f"(known: {', '.join(map(str, sorted(all_codes())))})")
     family = DETECTORS[type_name].family if type_name in DETECTORS else None
     try:
-        resolve(family, value) if family else resolve(None, value, check_family=False)
+        if family:
+            resolve(family, value, convention=convention)
+        else:
+            resolve(None, value, check_family=False, convention=convention)
     except ValueError as e:
         raise where.error(str(e)) from None
     return value
@@ -291,8 +299,8 @@ def with_detector_poni(functions, poni: Path):
 
 
 def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
-    allowed = ("type", "calib", "common_mode", "gain_convention", "mask", "mask_options",
-               "functions", "sums", "geometry")
+    allowed = ("type", "calib", "common_mode", "common_mode_convention", "common_mode_rules",
+               "gain_convention", "mask", "mask_options", "functions", "sums", "geometry")
     check_keys(d, where, allowed)
     geometry = d.get("geometry")
     if geometry is not None:
@@ -303,7 +311,13 @@ def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
         calib = Path(calib) if Path(calib).is_absolute() else base_dir / calib
         if not calib.exists():
             raise (where / "calib").error(f"constants file {calib} not found")
-    cm = check_common_mode(d.get("common_mode", 0), d.get("type") or name, where / "common_mode")
+    from .calib.common_mode import CONVENTIONS, RULES
+    cm_convention = check_choice(d.get("common_mode_convention", "psana2"), CONVENTIONS,
+                                 where / "common_mode_convention")
+    cm_rules = check_choice(d.get("common_mode_rules", "psana"), RULES,
+                            where / "common_mode_rules")
+    cm = check_common_mode(d.get("common_mode"), d.get("type") or name, where / "common_mode",
+                           cm_convention)
     mask_options = dict(d.get("mask_options") or {})
     check_keys(mask_options, where / "mask_options", tuple(DEFAULT_MASK_OPTIONS))
     for key, value in mask_options.items():
@@ -334,7 +348,7 @@ def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
         mask=check_choice(d.get("mask", "cmask"), MASK_CHOICES, where / "mask"),
         mask_options=mask_options, functions=funcs,
         sums=[check_sum_key(s, where / "sums" / i) for i, s in enumerate(sums)], where=where,
-        geometry=geometry)
+        geometry=geometry, common_mode_convention=cm_convention, common_mode_rules=cm_rules)
 
 
 def parse_config(data, source: str = "<config>", base_dir: Path | None = None, text: str = "") -> Config:

@@ -563,7 +563,8 @@ def _build(cxx: str, flags: list[str], unit: str, path: Path, library: Path, cac
 CM_SORT_MAX = 1024       # kernels/common_mode.cu: groups up to this size are sorted in shared memory
 CM_MAX_SIZE = 1 << 24    # kernels/common_mode.cu: largest group
 CM_BLOCK = 256           # threads per block for large groups (radix select) ...
-CM_BLOCK_HUGE = 1024     # ... and for groups over CM_HUGE pixels (whole frames)
+CM_BLOCK_HUGE = 1024     # ... and for groups over CM_HUGE pixels (whole frames): the
+                         # kernel's __launch_bounds__ (CM_BLOCK_MAX)
 CM_HUGE = 65536
 CM_MAX_GRID_Y = 65535    # events per launch (gridDim.y)
 CM_HOST_BLOCK = 64       # host build: fewer std::threads per block (results do not depend on it)
@@ -752,15 +753,25 @@ def _rows_args(xp, raw_flat, control_bits, lut, family: int, seg_len: int, rule)
 
 
 def calibrate_rows(raw_flat, control_bits, lut, family: int, seg_len: int, vote_ranges: int,
-                   rule, correct: bool, finish: bool, host: bool = False):
+                   rule, correct: bool, finish: bool, host: bool = False, vote_mask=None):
     """Decode + pedestal (+ the median of each run of ``seg_len`` pixels, with ``correct``)
     (+ mask / gain, with ``finish``) in one pass over the raw frames (B, npix), on the
-    current CuPy device or (``host``) through the host build. Returns (out (B, npix)
-    float32, calibrated with finish else ADU; good (B, npix) bool voting flags, None with
-    finish; cm (B, nseg) float32; applied (B, nseg) bool)."""
+    current CuPy device or (``host``) through the host build. vote_mask (npix,): the
+    unmasked pixels, which vote whatever their gain (None: the pixels whose mask / gain
+    is not 0). Returns (out (B, npix) float32, calibrated with finish else ADU; good
+    (B, npix) bool voting flags, None with finish; cm (B, nseg) float32; applied (B, nseg)
+    bool)."""
     xp = np if host else _cupy()
     raw, cb, lut, nbatch, npix, signed_raw, family, nseg, scalars = _rows_args(
         xp, raw_flat, control_bits, lut, family, seg_len, rule)
+    use_vote_mask = vote_mask is not None
+    if use_vote_mask:
+        vote_mask = xp.ascontiguousarray(xp.asarray(vote_mask).reshape(-1) != 0).view(xp.uint8)
+        if vote_mask.size != npix:
+            raise GpusmdError(f"calibrate_rows: vote_mask of {vote_mask.size} pixels, frames "
+                              f"of {npix}")
+    else:
+        vote_mask = xp.zeros(1, xp.uint8)
     out = xp.empty((nbatch, npix), dtype=xp.float32)
     good = xp.empty((nbatch, npix) if not finish else (1,), dtype=xp.uint8)
     cm = xp.zeros((nbatch, nseg), dtype=xp.float32)
@@ -771,7 +782,8 @@ def calibrate_rows(raw_flat, control_bits, lut, family: int, seg_len: int, vote_
         if host:
             host_module("calibrate_cm").launch(
                 "calibrate_rows", (nseg, nbatch), min(CM_HOST_BLOCK, threads), raw, cb, lut,
-                npix, int(seg_len), nseg, family, signed_raw, int(vote_ranges), int(correct),
+                npix, int(seg_len), nseg, family, signed_raw, int(vote_ranges), vote_mask,
+                int(use_vote_mask), int(correct),
                 *scalars, int(finish), out, good, cm, applied)
         else:
             kernel = get_function("calibrate_cm", "calibrate_rows")
@@ -779,7 +791,7 @@ def calibrate_rows(raw_flat, control_bits, lut, family: int, seg_len: int, vote_
                 kernel((nseg, count), (threads,),
                        (raw[b], cb, lut, np.int64(npix), np.int32(seg_len), np.int32(nseg),
                         np.int32(family), np.int32(signed_raw), np.int32(vote_ranges),
-                        np.int32(bool(correct)), np.float32(lo), np.float32(hi),
+                        vote_mask, np.int32(use_vote_mask), np.int32(bool(correct)), np.float32(lo), np.float32(hi),
                         np.int32(min_count), np.float64(min_fraction), np.float32(max_abs),
                         np.int32(inclusive), np.int32(apply_all), np.int32(bool(finish)),
                         out[b], good if finish else good[b], cm[b], applied[b]))

@@ -10,7 +10,8 @@ import numpy as np
 
 from .backend import Backend
 from .calib.calibrate import Calibrator, build_lut
-from .calib.common_mode import CM_GAIN_RANGES, CommonMode, resolve
+from .calib.common_mode import (CM_GAIN_RANGES, CommonMode, default_code, raw_frames,
+                                raw_output, resolve)
 from .calib.constants import NON_FINITE, RUN_ANY, Constants
 from .calib.masks import pixel_masks
 from .config import DetectorConfig
@@ -87,8 +88,12 @@ class DetectorProcessor:
                                               f"(make them with `gpusmd dark`)")
         else:
             self.constants = Constants.default(model)    # cameras: raw values, no pedestal
+        # the code that runs: the config's, or the one smalldata recommends for the detector
+        self.cm_code = default_code(model.family) if cfg.common_mode is None else cfg.common_mode
+        self.raw_output = raw_output(model.family, self.cm_code)
         try:
-            self.cmpars = resolve(model.family, cfg.common_mode)
+            self.cmpars = resolve(model.family, self.cm_code,
+                                  convention=cfg.common_mode_convention)
         except ValueError as e:
             raise (cfg.where / "common_mode").error(str(e)) from None
         flagged = self.constants.flag_non_finite(f"{cfg.calib or self.constants.source}: "
@@ -119,13 +124,14 @@ class DetectorProcessor:
 
     @property
     def units(self) -> str:
-        return "ADU" if self.cfg.gain_convention != "divide" else self.model.units
+        raw_adu = self.raw_output or self.cfg.gain_convention != "divide"
+        return "ADU" if raw_adu else self.model.units
 
     @property
     def common_mode(self) -> CommonMode | None:
         if self.cmpars is not None and self._common_mode is None:
             self._common_mode = CommonMode(self.model, self.cmpars, self.constants.rms[0],
-                                           self.backend.xp)
+                                           self.backend.xp, rules=self.cfg.common_mode_rules)
         return self._common_mode
 
     @property
@@ -133,7 +139,8 @@ class DetectorProcessor:
         if self._calibrator is None:
             self._calibrator = Calibrator(self.model, self.constants, self.masks[self.cfg.mask],
                                           self.backend, self.cfg.gain_convention,
-                                          CM_GAIN_RANGES.get(self.model.family))
+                                          CM_GAIN_RANGES.get(self.model.family),
+                                          self.cfg.common_mode_rules == "psana")
             for step, control_bits in self._control_bits.items():
                 self._calibrator.set_control_bits(step, control_bits)
         return self._calibrator
@@ -146,6 +153,9 @@ class DetectorProcessor:
     def calibrate(self, raw, step: int = 0):
         """Raw frames (B, *shape) -> (calibrated frames on the backend, per-event
         common-mode statistics {"corrected", "skipped"}: empty without a common mode)."""
+        if self.raw_output:
+            return raw_frames(self.model, self.backend.xp.asarray(raw), self.cm_code,
+                              self.backend.xp), {}
         if self.common_mode is None:
             return self.calibrator(raw, step), {}
         if self.common_mode.fused:         # mode 7 on a GPU: one pass over the raw frames
@@ -182,7 +192,7 @@ class DetectorProcessor:
         items = {"pedestal": c.pedestal, "rms": c.rms, "gain": c.gain, "offset": c.offset,
                  "status": c.status, "mask": self.masks["mask"], "cmask": self.masks["cmask"],
                  "calib_mask": self.masks[self.cfg.mask], "x": x, "y": y, "z": z,
-                 "common_mode": np.asarray(self.cfg.common_mode),
+                 "common_mode": np.asarray(self.cm_code),
                  "common_mode_pars": np.asarray(self.cmpars if self.cmpars else [0], np.float64),
                  "gain_convention": self.cfg.gain_convention,
                  "units": self.units, "type": self.model.type,

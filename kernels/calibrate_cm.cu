@@ -26,8 +26,11 @@
 //   raw           (B, npix) uint16 (int16 read with signed_raw = 1)
 //   control_bits  (npix,) uint8 epix10k pixel control bits (any 1-element array otherwise)
 //   lut           (rows, npix) float2 of (pedestal, mask / gain) (gain_decode.h)
-//   vote_ranges   bit g set: pixels in gain range g vote (and are corrected) when their
-//                 mask / gain is not 0 (DESIGN §6 "good" pixels)
+//   vote_ranges   bit g set: pixels in gain range g vote (and are corrected) when
+//                 unmasked (DESIGN §6 "good" pixels)
+//   vote_mask     (npix,) uint8: 1 where the pixel is unmasked, whatever its gain (psana's
+//                 voters); with use_vote_mask = 0 (any 1-element array) a pixel is
+//                 unmasked when its mask / gain is not 0 (pixels of gain 0 do not vote)
 //   lo, hi, min_count, min_fraction, max_abs, inclusive, apply_all: the median rule of
 //                 kernels/common_mode.cu (a pixel votes when good and lo < adu < hi)
 //   out           (B, npix) float32: calibrated (finish = 1) or ADU
@@ -48,7 +51,9 @@ extern "C" __global__ void calibrate_rows(const unsigned short* __restrict__ raw
                                           const unsigned char* __restrict__ control_bits,
                                           const float2* __restrict__ lut,
                                           long long npix, int seg_len, int nseg, int family,
-                                          int signed_raw, int vote_ranges, int correct,
+                                          int signed_raw, int vote_ranges,
+                                          const unsigned char* __restrict__ vote_mask,
+                                          int use_vote_mask, int correct,
                                           float lo, float hi, int min_count,
                                           double min_fraction, float max_abs, int inclusive,
                                           int apply_all, int finish, float* __restrict__ out,
@@ -76,7 +81,8 @@ extern "C" __global__ void calibrate_rows(const unsigned short* __restrict__ raw
         int g;
         const float2 e = gpusmd_lut_entry(family, r, pix0 + k, control_bits, lut, npix, &g);
         const float v = gpusmd_adc(family, r, signed_raw) - e.x;
-        const bool ok = g >= 0 && e.y != 0.0f && ((vote_ranges >> g) & 1);
+        const bool unmasked = use_vote_mask ? vote_mask[pix0 + k] != 0 : e.y != 0.0f;
+        const bool ok = g >= 0 && unmasked && ((vote_ranges >> g) & 1);
         value[k] = v;
         scale[k] = e.y;
         votes[k] = ok ? 1 : 0;

@@ -51,6 +51,8 @@
 #include "cm_median.h"
 
 #define CM_SORT_MAX 1024          // groups up to this size are sorted in shared memory
+#define CM_BLOCK_MAX 1024         // most threads a launch uses (whole frames): the register
+                                  // budget, 64 a thread on sm_90, is set for it
 #define CM_MAX_SIZE (1 << 24)     // largest group (float(count) is exact up to here)
 #define CM_SHARED_WORDS 2048      // 8 KB: sort keys / histogram / pairwise tables
 #define CM_PW_BLOCK 128           // NumPy's PW_BLOCKSIZE: leaves of the pairwise tree
@@ -214,7 +216,7 @@ __device__ unsigned int cm_select(const float* frame, const unsigned char* ok, l
     return prefix;
 }
 
-extern "C" __global__ void group_correct(float* adu, const unsigned char* good,
+extern "C" __global__ void __launch_bounds__(CM_BLOCK_MAX) group_correct(float* adu, const unsigned char* good,
                                          const long long* starts, int n_outer,
                                          long long outer_stride, int n_inner,
                                          long long inner_stride, long long npix, int ngroups,

@@ -153,10 +153,12 @@ def test_mode4_pass_order_bank_then_rows_then_columns():
 
 # ---- mode 6: flags --------------------------------------------------------------------------
 
-def flags_of(img, good=None, rms=None, hist_range=30, nsigma=10):
+def flags_of(img, good=None, rms=None, hist_range=30, nsigma=10, rules="psana"):
     adu = np.asarray(img, np.float32).reshape(1, -1)
     good = np.ones_like(adu, bool) if good is None else np.asarray(good).reshape(1, -1)
-    return cm_epix_flags(adu, good, ctx(rms), hist_range, nsigma).reshape(R, C)
+    context = ctx(rms)
+    context.rules = rules
+    return cm_epix_flags(adu, good, context, hist_range, nsigma).reshape(R, C)
 
 
 def test_mode6_flags_bright_pixels_and_their_four_neighbours():
@@ -185,11 +187,17 @@ def test_mode6_flags_hist_range_bad_pixels_alone_and_rms_optional():
     good[40, 40] = False                     # bad: alone
     f = flags_of(img, good=good)
     assert sorted(zip(*np.nonzero(f))) == [(10, 10), (20, 20), (40, 40)]
-    # rms 0 (unknown) never flags by the nsigma criterion
+    # rms 0 (a dead pixel): smalldata_tools utilities.cm_epix flags img >= rms * 10, so
+    # the pixel is flagged when its value is >= 0, and its 4 neighbours with it
     rms = np.ones((R, C), np.float32)
     rms[50, 50] = 0.0
-    f = flags_of(np.zeros((R, C)), rms=rms)
-    assert not f.any()
+    rms[80, 80] = 0.0
+    img = np.zeros((R, C), np.float32)
+    img[80, 80] = -1.0                       # below 0 x 10: not flagged
+    f = flags_of(img, rms=rms)
+    assert sorted(zip(*np.nonzero(f))) == [(49, 50), (50, 49), (50, 50), (50, 51), (51, 50)]
+    # gpusmd's rules: an rms of 0 is unknown and flags nothing
+    assert not flags_of(img, rms=rms, rules="gpusmd").any()
     # nsigma scales the threshold
     img = np.zeros((R, C), np.float32)
     img[60, 60] = 5.0

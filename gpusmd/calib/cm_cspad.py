@@ -46,8 +46,9 @@ mode 1, cmpars (1, mean_max, rms_max, thresh, fallback)
     10% photons). Results differ from psana by about that bias.
   - Applied when |mean| <= mean_max and sigma <= rms_max (inclusive; psana's
     ``abs(mean) > pars[0] or sigma > pars[1]`` rejects), subtracted from every pixel of
-    the segment. mean_max, rms_max default to 25, 25 (smalldata's code 1) when absent.
-  - Otherwise, with fallback (cmpars[4], 1 when absent) non-zero, mode 5 with
+    the segment. Absent parameters are those of smalldata's code 1, (1, 25, 40, 100, 0)
+    (lcls1/DetObject.py CsPadObject.getData); code 10 is the same with the fallback.
+  - Otherwise, with fallback (cmpars[4], 0 when absent) non-zero, mode 5 with
     maxcorr = mean_max on that segment, from the unbonded pixels of the uncorrected
     segment; without fallback the segment is left alone.
   - Stats: ``corrected`` counts segments corrected by mode 1 or by its fallback.
@@ -243,10 +244,10 @@ def mode1(adu, good, cmpars, ctx: ModeContext) -> dict:
     xp = ctx.xp
     nseg, segpix = _segments(ctx)
     mean_max = float(cmpars[1]) if len(cmpars) > 1 else 25.0
-    rms_max = float(cmpars[2]) if len(cmpars) > 2 else 25.0
+    rms_max = float(cmpars[2]) if len(cmpars) > 2 else 40.0
     thresh = int(cmpars[3]) if len(cmpars) > 3 else 100
     thresh = thresh if thresh > 0 else 100
-    fallback = bool(cmpars[4]) if len(cmpars) > 4 else True
+    fallback = bool(cmpars[4]) if len(cmpars) > 4 else False
 
     view = _segment_view(adu, nseg, segpix)
     if ctx.engine in ("kernel", "host"):

@@ -16,17 +16,22 @@ Mode 4 -- cmpars (4, bits, half_range, maxcorr), psana ``medianInRegionV3``:
     values (psana ``median<T>``, not the upper middle of ``medianEpix100V1``).
   * skipped if |cm| > maxcorr (|cm| == maxcorr is applied); maxcorr == 0 means no limit
     (psana tests ``maxcorr && fabs(cm) > maxcorr``). Missing cmpars default to
-    (4, 6, 30, 10) (smalldata code 4).
+    (4, 6, 30, 10) (smalldata code 4). This is psana1's reading of cmpars (4, ...): with
+    the psana2 convention (the default, see common_mode.psana2_cmpars) an explicit
+    [4, bits, cormax, npix_min] runs mode 7 on the epix100's banks instead; smalldata's
+    codes 4 and 34 are psana1 recipes and always run this.
   * the correction is subtracted from all pixels of the group, bad ones included.
 
 Mode 6 -- cmpars (6, variant, maxCorr, histoRange, nsigma), smalldata ``cm_epix``:
   * flags are computed ONCE per frame, on the input adu (as psana / smalldata compute
     ``imgThres`` once on the frame they get), and reused unchanged by every pass,
     including the variant pre-step. A pixel is flagged when
-    - value >= nsigma * rms (only where rms > 0: a zero / missing rms is "unknown",
-      not "flag everything >= 0" as the literal psana formula would), or it is one of
-      the 4 neighbours (up / down / left / right, within the 704 x 768 frame, across bank
-      boundaries) of such a pixel; skipped entirely when ``ctx.rms`` is None;
+    - value >= nsigma * rms, or it is one of the 4 neighbours (up / down / left / right,
+      within the 704 x 768 frame, across bank boundaries) of such a pixel (smalldata
+      ``cm_epix``: ``imgThres[img >= rms * 10] = 1`` then ``neighborImg``, np.roll with
+      the wrapped edge zeroed). As there, a dead pixel (rms 0) is flagged whenever its
+      value is >= 0, and so are its neighbours; with ``ctx.rules == "gpusmd"`` an rms of
+      0 is "unknown" and flags nothing. Skipped entirely when ``ctx.rms`` is None;
     - |value| > histoRange (the pixel alone, no neighbours);
     - not good (the pixel alone).
   * variant 1 (code 46): subtract from every pixel the mean of the unflagged pixels of
@@ -114,7 +119,9 @@ def cm_epix_flags(adu, good, ctx: ModeContext, hist_range: float, nsigma: float)
     flags = ~good | (xp.abs(adu) > xp.float32(hist_range))
     if ctx.rms is not None:
         rms = ctx.rms.reshape(1, -1)
-        bright = (rms > 0) & (adu >= xp.float32(nsigma) * rms)
+        bright = adu >= xp.float32(nsigma) * rms
+        if ctx.rules != "psana":
+            bright &= rms > 0
         flags |= neighbours4(bright, ctx.model, xp)
     return flags
 

@@ -7,9 +7,22 @@ the good ones) when enough pixels voted and the correction is small enough. A gr
 regular pattern of flat pixel offsets (:class:`Groups`), so the same description drives
 the NumPy reference here and the CUDA kernel ``kernels/common_mode.cu``.
 
-Config: ``common_mode`` is a code (0 = none; smalldata codes 80, 83, 84, 85 for epix10k,
-71, 72, 7 for Jungfrau, 45, 46, 47 for epix100, psana modes 1-7) or an explicit cmpars
-list ``[mode, ...]``.
+Config: ``common_mode`` is a smalldata_tools code (:data:`CODES`; -1 raw frames, 0 and 30
+no correction) or an explicit cmpars list ``[mode, ...]``; without one, the code
+smalldata_tools recommends for the detector (:data:`DEFAULT_CODES`).
+
+Rules (``rules="psana"``, the default), as psana2 applies them:
+  - mode 7: a bank is corrected when at least npix_min pixels vote (UtilsCommonMode
+    common_mode_2d: ``if npix < npix_min: return``), a row segment or a half-panel
+    column when more than npix_min vote (common_mode_rows / common_mode_cols:
+    ``npix > npix_min``); |median| < cormax.
+  - every unmasked pixel of the voting gain ranges votes, whatever its gain (psana
+    builds the voters from the status mask and the gain-range maps only, then
+    multiplies by 1 / gain, 0 where the gain is 0).
+  - cm_epix (mode 6) flags value >= 10 x rms literally: a pixel with rms 0 is flagged
+    when its value is >= 0, with its 4 neighbours (smalldata_tools utilities.cm_epix).
+``rules="gpusmd"``: more than npix_min voters in every pass, pixels of gain 0 do not
+vote, a pixel of rms 0 (unknown noise) is not flagged by the rms test.
 """
 from __future__ import annotations
 
@@ -158,6 +171,7 @@ class ModeContext:
     xp: object = np
     cache: dict = field(default_factory=dict)
     engine: str = "array"
+    rules: str = "psana"                # or "gpusmd" (module docstring)
 
     def correct(self, adu, good, groups: Groups, rule: Rule):
         if self.engine == "kernel":
@@ -186,22 +200,30 @@ def tally(stats: dict, applied):
 MODE7_PASSES = ((4, "bank", banks), (1, "row", bank_rows), (2, "column", half_columns))
 
 
-def mode7_rule(cmpars) -> tuple[int, Rule]:
-    """(bits, rule) of mode 7's cmpars [7, bits, cormax, npix_min]."""
+RULES = ("psana", "gpusmd")
+
+
+def mode7_rule(cmpars, key: str = "row", rules: str = "psana") -> tuple[int, Rule]:
+    """(bits, rule of the pass ``key``) of mode 7's cmpars [7, bits, cormax, npix_min]:
+    with psana's rules a bank needs npix_min voters, a row or column npix_min + 1
+    (module docstring); with gpusmd's, every pass npix_min + 1."""
+    if rules not in RULES:
+        raise ValueError(f"common-mode rules {rules!r} are not one of {', '.join(RULES)}")
     bits = int(cmpars[1]) if len(cmpars) > 1 else 0
     cormax = float(cmpars[2]) if len(cmpars) > 2 else INF
     npix_min = int(cmpars[3]) if len(cmpars) > 3 else 10
-    return bits, Rule("median", min_count=npix_min + 1, max_abs=cormax, apply_to="good")
+    at_least = npix_min if key == "bank" and rules == "psana" else npix_min + 1
+    return bits, Rule("median", min_count=at_least, max_abs=cormax, apply_to="good")
 
 
 def mode7(adu, good, cmpars, ctx: ModeContext, skip: int = 0) -> dict:
     """Banks (bit 4), then row segments (bit 1), then half-panel columns (bit 2): the
-    median of the good pixels, subtracted from the good pixels if more than npix_min
-    voted and |median| < cormax. The passes whose bit is in ``skip`` are left out (done
-    already, see mode7_fused)."""
-    bits, rule = mode7_rule(cmpars)
+    median of the good pixels, subtracted from the good pixels if enough voted
+    (:func:`mode7_rule`) and |median| < cormax. The passes whose bit is in ``skip`` are
+    left out (done already, see mode7_fused)."""
     stats: dict = {}
     for bit, key, make in MODE7_PASSES:
+        bits, rule = mode7_rule(cmpars, key, ctx.rules)
         if bits & bit & ~skip:
             groups = ctx.groups(key, lambda: make(ctx.model))
             _, applied = ctx.correct(adu, good, groups, rule)
@@ -210,15 +232,17 @@ def mode7(adu, good, cmpars, ctx: ModeContext, skip: int = 0) -> dict:
 
 
 def mode7_fused(raw, control_bits, lut, family: int, vote_ranges: int, cmpars,
-                ctx: ModeContext):
+                ctx: ModeContext, vote_mask=None):
     """Calibration and mode 7 on the kernel engines (kernels/calibrate_cm.cu): when the
     mode starts with the row segments, their correction is fused into the one read of the
     raw frames (and, when it is the only pass, the gain too); the banks follow on the ADU,
     and the last pass, the columns, applies the gain (or the gain alone). Rows + columns:
     two reads. Same numbers as Calibrator.split + mode7 + the multiply.
-    raw: (B, npix). Returns (calibrated (B, npix) float32, stats)."""
+    raw: (B, npix); vote_mask: (npix,) the unmasked pixels, which vote whatever their gain
+    (None: those whose mask / gain is not 0 vote). Returns (calibrated (B, npix) float32,
+    stats)."""
     from .. import cuda
-    bits, rule = mode7_rule(cmpars)
+    bits, rule = mode7_rule(cmpars, "row", ctx.rules)
     host = ctx.engine == "host"
     rows_first = bool(bits & 1) and not bits & 4
     finish = not bits & (6 if rows_first else 7)
@@ -226,7 +250,8 @@ def mode7_fused(raw, control_bits, lut, family: int, vote_ranges: int, cmpars,
     columns_last = bool(bits & 2) and cuda.columns_fit(ctx.model.seg_shape)
     _, seg_len = bank_shape(ctx.model)
     out, good, _, applied = cuda.calibrate_rows(raw, control_bits, lut, family, seg_len,
-                                                vote_ranges, rule, rows_first, finish, host)
+                                                vote_ranges, rule, rows_first, finish, host,
+                                                vote_mask)
     stats: dict = {}
     if rows_first:
         tally(stats, applied)
@@ -235,6 +260,7 @@ def mode7_fused(raw, control_bits, lut, family: int, vote_ranges: int, cmpars,
         for key, value in mode7(out, good, cmpars, ctx, skip).items():
             stats[key] = stats.get(key, 0) + value
         if columns_last:
+            _, rule = mode7_rule(cmpars, "column", ctx.rules)
             _, applied = cuda.columns_gain(out, good, raw, control_bits, lut, family,
                                            ctx.model.seg_shape, rule, host)
             tally(stats, applied)
@@ -272,41 +298,116 @@ def mode_function(mode: int):
     raise KeyError(mode)
 
 
-# code -> cmpars per detector family; 0 (none) for every family
+# code -> cmpars per detector family (smalldata_tools' DetObject: lcls2/DetObject.py
+# Epix10kObject, JungfrauObject; lcls1/DetObject.py CsPadObject, EpixObject)
 CODES = {
     "epix10k": {80: (7, 0, 100), 83: (7, 1, 100, 10), 84: (7, 2, 100, 10), 85: (7, 3, 100, 10)},
     "jungfrau": {71: (7, 1, 10, 10), 72: (7, 2, 10, 10), 7: (7, 3, 10, 10)},
     "epix100": {45: (6, 0, 30, 30, 10), 46: (6, 1, 30, 30, 10), 47: (6, 2, 30, 30, 10),
-                4: (4, 6, 30, 10)},
-    "cspad": {1: (1, 25, 25, 100, 1), 5: (5, 100)},
+                4: (4, 6, 30, 10), 34: (4, 6, 100, 100)},
+    "cspad": {1: (1, 25, 40, 100, 0), 10: (1, 25, 40, 100, 1), 5: (5, 100), 55: (5, 5000)},
 }
 GENERIC_CODES = {2: (2, 100, 10, 128), 3: (3, 100, 10, 128)}
 # which psana modes a family can use
 MODES_FOR = {"epix10k": {2, 3, 7}, "jungfrau": {2, 3, 7}, "epix100": {2, 3, 4, 6, 7},
              "cspad": {1, 2, 3, 5}, "camera": {2, 3}}
+# no correction: 0, and smalldata's 30 (psana's calib with its default parameters)
+NO_CORRECTION = (0, 30)
+# the raw frames as float32: -1 (the epix10k's ADC bits; other detectors' raw values), and
+# for the epix10k -2 with its gain bits (smalldata's Epix10kObject -1 / -2)
+RAW_CODES = {-1: None, -2: "epix10k"}
+# what smalldata_tools recommends when the producer names no code (its documentation,
+# "DetObject": CsPad 1, Jungfrau 7, Epix 46; the epix10k producer example uses 84)
+DEFAULT_CODES = {"cspad": 1, "jungfrau": 7, "epix100": 46, "epix10k": 84, "camera": 0}
+# smalldata codes with no meaning here, and what to use instead
+REFUSED = {
+    "epix100": {6: "psana1's built-in epix100 mode 6 (psana2 has none: smalldata's LCLS-II "
+                   "producer applies no correction); use 46, cm_epix after the frame mean",
+                36: "psana1's built-in epix100 mode 6 without the frame mean (psana2 has "
+                    "none); use 45, cm_epix"},
+    "epix10k": {81: "a fixed-gain kludge from the configuration's nominal gains; use 80 "
+                    "(calibrated) or 84 / 85",
+                82: "a fixed-gain kludge with calibration rows; use 84 or 85",
+                180: "80 with a ghost-image correction read from per-run fit files; use 80",
+                181: "81 with a ghost-image correction; use 80"},
+}
+CONVENTIONS = ("psana2", "psana1")
+
+
+def default_code(family: str) -> int:
+    """The common-mode code a detector gets when the config names none."""
+    return DEFAULT_CODES.get(family, 0)
 
 
 def all_codes() -> set[int]:
-    return {0, -1, *GENERIC_CODES, *(c for table in CODES.values() for c in table)}
+    return {*NO_CORRECTION, *RAW_CODES, *GENERIC_CODES,
+            *(c for table in (*CODES.values(), *REFUSED.values()) for c in table)}
 
 
-def resolve(family: str | None, common_mode, check_family: bool = True) -> tuple | None:
+def raw_output(family: str | None, common_mode) -> bool:
+    """Whether the config asks for the raw frames (no pedestal, no gain)."""
+    return (not isinstance(common_mode, (list, tuple)) and common_mode in RAW_CODES
+            and (family is None or RAW_CODES[common_mode] in (None, family)))
+
+
+def raw_frames(model: DetectorModel, raw, common_mode, xp=np):
+    """smalldata's raw codes: -1 the ADC bits of an epix10k (raw & 0x3fff), the raw values
+    of other detectors; -2 an epix10k's raw values with the gain bits. (B, ...) float32."""
+    if common_mode == -1 and model.family == "epix10k":
+        return model.adc(raw, xp)
+    return xp.asarray(raw).astype(xp.float32)
+
+
+def psana2_cmpars(family: str | None, cmpars: tuple) -> tuple:
+    """An explicit cmpars list as psana2's det.raw.calib reads it. Only the epix100
+    differs from psana1: psana2 (UtilsEpix100.calib_epix100 -> UtilsCommonMode
+    common_mode_apply) reads (alg, bits, cormax, npix_min) with bit 4 the banks, 1 the
+    rows of a bank, 2 the columns of a half panel, whatever alg is: mode 7 here. psana1
+    reads mode 4 as medianInRegionV3 (4, bits, half_range, maxcorr): mode 4 here."""
+    if family == "epix100" and int(cmpars[0]) == 4:
+        return (7, *cmpars[1:])
+    return cmpars
+
+
+def resolve(family: str | None, common_mode, check_family: bool = True,
+            convention: str = "psana2") -> tuple | None:
     """cmpars of a config value (a code or an explicit [mode, ...] list); None for no
-    correction. Raises ValueError naming the problem. Without ``check_family`` only the
-    form is checked (the detector is not known yet)."""
+    correction (and for the raw codes: see raw_output); a missing value (None) is the
+    family's default code. Explicit lists are read as ``convention`` reads them
+    (:func:`psana2_cmpars`); codes name a fixed recipe. Raises ValueError naming the
+    problem. Without ``check_family`` only the form is checked (the detector is not
+    known yet)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"common-mode convention {convention!r} is not one of "
+                         f"{', '.join(CONVENTIONS)}")
     if isinstance(common_mode, (list, tuple)):
         if not common_mode or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                       for v in common_mode):
             raise ValueError(f"cmpars {common_mode!r} must be a list of numbers [mode, ...]")
         cmpars = tuple(common_mode)
+        if convention == "psana2":
+            cmpars = psana2_cmpars(family, cmpars)
     else:
-        if common_mode in (0, None, -1):
+        if common_mode is None:
+            if not check_family:
+                return None
+            common_mode = default_code(family)
+        if common_mode in NO_CORRECTION:
+            return None
+        if common_mode in RAW_CODES:
+            if check_family and not raw_output(family, common_mode):
+                raise ValueError(f"common-mode code {common_mode} (raw with gain bits) is for "
+                                 f"an epix10k, not a {family} detector; use -1")
             return None
         if not check_family:
             return None
+        refused = REFUSED.get(family, {}).get(common_mode)
+        if refused:
+            raise ValueError(f"common-mode code {common_mode} of smalldata_tools is {refused}")
         table = {**GENERIC_CODES, **CODES.get(family, {})}
         if common_mode not in table:
-            known = ", ".join(str(c) for c in [0, *sorted(table)])
+            known = ", ".join(str(c) for c in [*sorted(RAW_CODES), *NO_CORRECTION, *sorted(table)]
+                              if c not in RAW_CODES or raw_output(family, c))
             raise ValueError(f"common-mode code {common_mode} is not known for a {family} "
                              f"detector (known: {known}; or give cmpars as [mode, ...])")
         cmpars = table[common_mode]
@@ -329,13 +430,20 @@ class CommonMode:
     """The common-mode correction of one detector for a run."""
 
     def __init__(self, model: DetectorModel, cmpars: tuple, rms=None, xp=np,
-                 engine: str | None = None):
+                 engine: str | None = None, rules: str = "psana"):
+        if rules not in RULES:
+            raise ValueError(f"common-mode rules {rules!r} are not one of {', '.join(RULES)}")
         self.model = model
         self.cmpars = tuple(cmpars)
         self.function = mode_function(int(cmpars[0]))
         engine = engine or ("array" if xp is np else "kernel")
         self.ctx = ModeContext(model, None if rms is None else xp.asarray(rms, dtype=xp.float32)
-                               .reshape(-1), xp, engine=engine)
+                               .reshape(-1), xp, engine=engine, rules=rules)
+
+    @property
+    def gain_zero_votes(self) -> bool:
+        """Whether the unmasked pixels of gain 0 vote (psana's rules)."""
+        return self.ctx.rules == "psana"
 
     def __call__(self, adu, good) -> dict:
         """Correct adu (B, npix) in place; returns per-event statistics (B,) arrays."""
@@ -347,10 +455,11 @@ class CommonMode:
         engine): then ``calibrate`` replaces split + __call__ + the multiply."""
         return self.function is mode7 and self.ctx.engine in ("kernel", "host")
 
-    def calibrate(self, raw, control_bits, lut, family: int, vote_ranges: int):
-        """Raw frames (B, npix) -> (calibrated (B, npix), per-event statistics)."""
+    def calibrate(self, raw, control_bits, lut, family: int, vote_ranges: int, vote_mask=None):
+        """Raw frames (B, npix) -> (calibrated (B, npix), per-event statistics); vote_mask
+        (npix,): the unmasked pixels (see mode7_fused)."""
         calib, stats = mode7_fused(raw, control_bits, lut, family, vote_ranges, self.cmpars,
-                                   self.ctx)
+                                   self.ctx, vote_mask if self.gain_zero_votes else None)
         return calib, self._per_event(stats, len(calib))
 
     def _per_event(self, stats: dict, nbatch: int) -> dict:
