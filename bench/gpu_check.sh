@@ -191,7 +191,9 @@ EOF
         "$PY" -m pip install --no-compile --no-index --find-links "$WHEELS" -c "$WORK/installed.txt" \
             "${install[@]}" || return 1
     fi
-    "$PY" -m pip install --no-compile --no-index --find-links "$WHEELS" --no-deps -e "$ROOT" || return 1
+    "$PY" -m pip install --no-compile --no-index --find-links "$WHEELS" --no-deps -e "$ROOT" \
+        || "$PY" -m pip install --no-compile --no-index --no-deps --no-build-isolation -e "$ROOT" \
+        || return 1     # (the second: with the machine's own setuptools)
     # nothing that was installed before was replaced
     "$PY" -m pip list --format=freeze 2>/dev/null | grep -E '^[A-Za-z0-9_.-]+==' > "$WORK/after.txt"
     local replaced
