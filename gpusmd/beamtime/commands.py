@@ -1,5 +1,5 @@
 """The command-line front ends of the beamtime tools: ``gpusmd avimage``, ``beamcenter``,
-``mask`` and ``cube`` (:func:`add_commands` adds them to the ``gpusmd`` parser)."""
+``mask``, ``cube`` and ``plot`` (:func:`add_commands` adds them to the ``gpusmd`` parser)."""
 from __future__ import annotations
 
 from ..errors import GpusmdError
@@ -129,6 +129,15 @@ def cmd_cube(args):
                                                  if result["images"] else "") + f" -> {path}")
 
 
+def cmd_plot(args):
+    from .plot import plot_small_data
+    if args.output and args.png:
+        raise GpusmdError("give -o DIR (every picture) or --png FILE (the overview), not both")
+    for path in plot_small_data(args.smd, args.output, args.png, args.det, args.intensity,
+                                args.force):
+        print(f"wrote {path}")
+
+
 def add_commands(sub):
     """The beamtime subcommands, on the ``gpusmd`` parser's subparsers ``sub``."""
     from ..backend import BACKEND_CHOICES
@@ -215,3 +224,19 @@ def add_commands(sub):
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.add_argument("--force", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_cube)
+
+    s = sub.add_parser("plot", help="pictures of a small-data file: mean image with ROIs and "
+                                    "azav centre, azimuthal profile, ROI sums against the beam "
+                                    "intensity, common-mode and error counts")
+    s.add_argument("smd", help="small-data file from `gpusmd replay` or the sink")
+    s.add_argument("-o", "--output", metavar="DIR",
+                   help="write every picture, DIR/<det>_{image,azav,roi,counts}.png")
+    s.add_argument("--png", metavar="FILE", help="write the four pictures in one (default: "
+                                                 "the small-data file's name, .png)")
+    s.add_argument("--det", help="only this detector (default: every one; several give "
+                                 "FILE_<det>.png)")
+    s.add_argument("--intensity", metavar="PATH",
+                   help="the beam-intensity scalar (default: the first named like ipm, gmd, "
+                        "intensity)")
+    s.add_argument("--force", action="store_true", help="replace existing pictures")
+    s.set_defaults(func=cmd_plot)
