@@ -48,12 +48,16 @@ def cmd_replay(args):
     from .config import load_config
     from .io.output import check_new_output
     config = load_config(args.config)
-    output = check_new_output(args.output, args.force)
     if args.via_services:
         from .backend import backend_name
+        from .io.output import run_output
+        from .io.source import open_run
         from .services.run import replay_via_services
+        with open_run(args.raw, list(config.detectors) or None) as run:
+            name = run_output(args.output, config.experiment or run.experiment, run.run)
+        output = check_new_output(name, args.force)
         output.unlink(missing_ok=True)      # --force: the sink never replaces a file
-        summary = replay_via_services(args.raw, args.config, args.output, args.workers,
+        summary = replay_via_services(args.raw, args.config, output, args.workers,
                                       backend_name(args.backend, config.backend),
                                       max_events=args.max_events)
     else:
@@ -215,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("replay", help="reduce a run into a small-data file")
     s.add_argument("raw", help=SOURCE_HELP)
     s.add_argument("--config", required=True)
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument("-o", "--output", default=None,
+                   help="output file, or a directory for <experiment>_Run<NNNN>.h5 (the "
+                        "config's experiment, else the run's; default: that name here)")
     s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--max-events", type=int, default=None)

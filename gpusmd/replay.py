@@ -21,7 +21,7 @@ from . import __version__
 from .backend import Backend, get_backend
 from .config import Config
 from .errors import ConfigError, GpusmdError
-from .io.output import SmallDataWriter, check_new_output
+from .io.output import SmallDataWriter, check_new_output, run_output
 from .io.source import EventBatch, is_psana_source, open_run
 from .features import concat_columns
 from .processor import DetectorProcessor
@@ -150,14 +150,17 @@ def replay(source, config: Config, out_path, backend: Backend | None = None,
            batch_size: int | None = None, progress: bool = True,
            max_events: int | None = None, force: bool = False) -> ReplaySummary:
     """Reduce the run ``source`` (a raw HDF5 file, an XTC2 file or directory, a psana
-    DataSource string) into ``out_path`` (an existing file is refused unless ``force``).
+    DataSource string) into ``out_path`` (a file, or a directory or None for
+    <experiment>_Run<NNNN>.h5 there: see run_output; an existing file is refused unless
+    ``force``).
     Without ``backend``: ``$GPUSMD_BACKEND``, else the config's, else auto."""
-    out_path = check_new_output(out_path, force)
     backend = backend or get_backend(config=config.backend)
     batch = batch_size or config.batch_size
     with open_run(source, list(config.detectors)) as run:
-        procs = build_processors(config, RunInfo.from_run(
-            run, detectors=[d for d in config.detectors if d in run.detectors]), backend)
+        info = RunInfo.from_run(run, detectors=[d for d in config.detectors if d in run.detectors],
+                                experiment=config.experiment)
+        out_path = check_new_output(run_output(out_path, info.experiment, info.run), force)
+        procs = build_processors(config, info, backend)
         scalars = passthrough_names(config, run)
         total = run.n_events if max_events is None or run.n_events is None \
             else min(max_events, run.n_events)
@@ -182,7 +185,7 @@ def replay(source, config: Config, out_path, backend: Backend | None = None,
                     batch, max_events, detectors=list(procs))), batch, backend, consume)
             seconds = time.perf_counter() - t0
             write_run_end(writer, procs, {**provenance(config, backend.name, run.source,
-                                                       run.experiment, run.run),
+                                                       info.experiment, run.run),
                                           "n_errors": writer.n_errors})
             datasets = []
             writer.f.visititems(lambda name, obj: datasets.append(name)

@@ -23,14 +23,16 @@ class RunInfo:
     n_events: int | None = None
 
     @classmethod
-    def from_run(cls, run, scalars=None, detectors=None) -> "RunInfo":
+    def from_run(cls, run, scalars=None, detectors=None, experiment: str = "") -> "RunInfo":
         """From an open run; ``scalars``: the names to pass on (all when None);
-        ``detectors``: the names whose control bits are needed (all when None)."""
+        ``detectors``: the names whose control bits are needed (all when None);
+        ``experiment``: the config's, which names the run's file (else the run's own)."""
         names = run.scalar_dtypes if scalars is None else scalars
         dets = run.detectors if detectors is None else detectors
         bits = {det: run.step_control_bits(det) for det in dets}
         return cls(run.run, dict(run.detectors), {n: run.scalar_dtypes[n].str for n in names},
-                   {det: b for det, b in bits.items() if b}, run.experiment, run.source,
+                   {det: b for det, b in bits.items() if b}, experiment or run.experiment,
+                   run.source,
                    run.n_events)
 
     def to_message(self) -> tuple[dict, dict[str, np.ndarray]]:

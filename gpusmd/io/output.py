@@ -67,6 +67,23 @@ def written_whole(path):
         part.unlink(missing_ok=True)
 
 
+RUN_FILE = "{experiment}_Run{run:04d}.h5"      # smalldata_tools' name of a run's file
+
+
+def run_output(output, experiment: str, run: int) -> Path:
+    """The small-data file of ``run``: ``output`` as given ({experiment} and {run} filled
+    in), or, when it is a directory (existing, or ending in /) or None, smalldata_tools'
+    name <experiment>_Run<NNNN>.h5 in it (here)."""
+    template = RUN_FILE if output is None else str(output)
+    if output is not None and (Path(output).is_dir() or template.endswith(("/", os.sep))):
+        template = str(Path(output) / RUN_FILE)
+    try:
+        return Path(template.format(run=run, experiment=experiment or "run"))
+    except (KeyError, IndexError, ValueError) as e:
+        raise GpusmdError(f"output {output!r}: only {{experiment}} and {{run}} can be filled "
+                          f"in ({e})") from None
+
+
 def check_new_output(path, force: bool = False) -> Path:
     """An output path that may be written: an existing file is refused unless ``force``."""
     path = Path(path)

@@ -40,7 +40,7 @@ def publish(source, config: Config, rate: float = 0.0, max_events: int | None = 
     cfg = config.services
     with _terminated(ctx, own), open_run(source, list(config.detectors) or None) as run:
         scalars = passthrough_names(config, run)
-        info = RunInfo.from_run(run, scalars)
+        info = RunInfo.from_run(run, scalars, experiment=config.experiment)
         sock = open_socket(ctx, zmq.PUSH, address or cfg.ingest_in, False, cfg)
         if own:
             sock.linger = -1

@@ -40,7 +40,7 @@ from ..backend import get_backend
 from ..config import Config
 from ..errors import GpusmdError
 from ..features import unflatten_columns
-from ..io.output import SmallDataWriter, WriteError, open_written
+from ..io.output import RUN_FILE, SmallDataWriter, WriteError, open_written, run_output
 from ..replay import build_processors, provenance, write_run_end, write_user_data_cfg
 from ..runinfo import RunInfo
 from .common import QuietLog, open_socket
@@ -50,7 +50,7 @@ from .protocol import (Message, ProtocolError, batch_token, check_records, check
                        short)
 
 log = logging.getLogger("gpusmd.sink")
-DEFAULT_OUTPUT = "{experiment}_Run{run:04d}.h5"
+DEFAULT_OUTPUT = RUN_FILE
 CHECKPOINT = "sink_checkpoint"      # group of an open file: where the run is (RunWriter)
 
 
@@ -271,7 +271,7 @@ class Sink:
         run's file left incomplete (a sink started again: it is taken up). Where that
         file exists otherwise (a run published again, or by another ingest), the first
         free <name>_1.h5, _2, ...: a file is never replaced."""
-        path = Path(self.output.format(run=info.run, experiment=info.experiment or "run"))
+        path = run_output(self.output, info.experiment, info.run)
         free, n = path, 0
         while free.exists():
             state = read_checkpoint(free, info, token)
