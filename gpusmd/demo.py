@@ -13,7 +13,6 @@ import numpy as np
 from .backend import get_backend
 from .config import load_config
 from .detectors import get_detector
-from .geometry import assemble
 
 
 # pixels below this are noise (and the uncorrected common mode): a third of a 9.5 keV photon
@@ -21,7 +20,8 @@ THRESHOLD_KEV = 3.0
 
 
 def demo_config(model, constants: Path) -> str:
-    """Two ROIs (one panel, and the corner of it nearest the beam), thresholds, sums."""
+    """Two ROIs (one panel, and the corner of it nearest the beam), thresholds, an
+    azimuthal integration about the beam (the simulated ring's centre, x = y = 0), sums."""
     nseg, rows, cols = model.seg_shape
     seg = [[0, 1]] if model.segmented else []
     panel = seg + [[0, rows], [0, cols]]
@@ -36,6 +36,7 @@ def demo_config(model, constants: Path) -> str:
             functions:
               - {{kind: roi, name: ROI_0, bounds: {panel}, thresADU: [{THRESHOLD_KEV}, null]}}
               - {{kind: roi, name: ROI_1, bounds: {corner}, thresADU: [{THRESHOLD_KEV}, null]}}
+              - {{kind: azav, name: azav, center: [0, 0], dis_to_sam: 100, qbin: 0.01}}
             sums: [calib, calib_max, calib_nhits1]
         """)
 
@@ -75,7 +76,12 @@ def run_demo(outdir, detector="epix10kquad", n_events=100, backend=None, n_dark=
                                         else f"{len(differences)} differences: {differences[:3]}")
     report["in-process replay"] = f"{reference.events_per_s:.1f} events/s"
     if plots:
-        report["plot"] = plot(summary.output, detector, outdir / "demo.png")
+        from .beamtime.plot import plot_small_data
+        pictures = plot_small_data(summary.output, outdir / "plots", outdir / "demo.png",
+                                   force=True)
+        report["pictures (gpusmd plot)"] = (f"{pictures[0]} (all four); "
+                                            f"{', '.join(p.name for p in pictures[1:])} in "
+                                            f"{pictures[1].parent}")
     print(f"      {summary.n_events} events through the services in {summary.seconds:.1f} s "
           f"(start-up included), {len(reference.datasets)} datasets")
     for key, value in report.items():
@@ -102,31 +108,3 @@ def summarize(smd_path, raw_path, det) -> dict:
     if ipm is not None and np.std(ipm) > 0 and np.std(roi_sum) > 0:
         report["corr(ROI_0_sum, ipm2/sum)"] = f"{np.corrcoef(roi_sum, ipm)[0, 1]:.3f}"
     return report
-
-
-def plot(smd_path, det, png: Path) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with h5py.File(smd_path, "r") as f:
-        cfg = f[f"UserDataCfg/{det}"]
-        x, y = cfg["x"][()], cfg["y"][()]
-        p = get_detector(cfg["type"].asstr()[()], x.shape).pixel_size_um
-        sums = f[f"Sums/{det}_calib"]
-        image = assemble(sums[()] / max(1, sums.attrs["n_events"]), x, y, p)
-        roi = f[f"{det}/ROI_0_sum"][()]
-        ipm = f["ipm2/sum"][()] if "ipm2/sum" in f else np.arange(len(roi))
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4.5))
-    finite = image[np.isfinite(image)]
-    vmax = np.percentile(finite, 99.5) if finite.size else 1
-    im = ax[0].imshow(image, vmin=0, vmax=vmax, cmap="viridis")
-    ax[0].set_title(f"{det}: sum of calibrated frames")
-    fig.colorbar(im, ax=ax[0], shrink=0.8)
-    ax[1].plot(ipm, roi, ".", ms=4)
-    ax[1].set_xlabel("ipm2/sum")
-    ax[1].set_ylabel("ROI_0_sum")
-    ax[1].set_title("ROI sum vs beam intensity")
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return str(png)

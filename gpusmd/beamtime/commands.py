@@ -131,8 +131,6 @@ def cmd_cube(args):
 
 def cmd_plot(args):
     from .plot import plot_small_data
-    if args.output and args.png:
-        raise GpusmdError("give -o DIR (every picture) or --png FILE (the overview), not both")
     for path in plot_small_data(args.smd, args.output, args.png, args.det, args.intensity,
                                 args.force):
         print(f"wrote {path}")
@@ -231,8 +229,8 @@ def add_commands(sub):
     s.add_argument("smd", help="small-data file from `gpusmd replay` or the sink")
     s.add_argument("-o", "--output", metavar="DIR",
                    help="write every picture, DIR/<det>_{image,azav,roi,counts}.png")
-    s.add_argument("--png", metavar="FILE", help="write the four pictures in one (default: "
-                                                 "the small-data file's name, .png)")
+    s.add_argument("--png", metavar="FILE", help="write the four pictures in one (default, "
+                                                 "without -o: the small-data file's name, .png)")
     s.add_argument("--det", help="only this detector (default: every one; several give "
                                  "FILE_<det>.png)")
     s.add_argument("--intensity", metavar="PATH",

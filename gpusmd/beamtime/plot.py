@@ -418,7 +418,7 @@ def panel_figure(smd: SmallData, det: str, panel: str):
 
 def overview_figure(smd: SmallData, det: str):
     """The four pictures of one detector in one Figure."""
-    fig = _figure((16, 12))
+    fig = _figure((15, 11))
     for sub, draw in zip(fig.subfigures(2, 2).ravel(), PANELS.values()):
         draw(sub, smd, smd.detectors[det])
     fig.suptitle(f"{smd.path.name}: {smd.n_events} events", fontsize=11)
