@@ -147,8 +147,9 @@ def cmd_constants(args):
         consts = Constants.load(args.constants, det)
         calibconst = pc.to_psana(consts, args.psana_detector or det, args.experiment, args.run)
         files = pc.write_psana_dir(calibconst, args.output, fmt=args.format, force=args.force)
-        print(f"{det}: {consts.model.type} -> psana {', '.join(calibconst)} "
-              f"(offset folded into pedestals)")
+        folded = consts.model.family in pc.PSANA_OFFSET_FAMILIES
+        print(f"{det}: {consts.model.type} -> psana {', '.join(calibconst)}"
+              + (" (offset folded into pedestals)" if folded else ""))
         for cmd in pc.sidecar_of(args.output).get("cdb_add", []):
             print(f"  {cmd}")
         print(f"wrote {len(files)} files to {args.output}")
