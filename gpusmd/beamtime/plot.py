@@ -275,7 +275,8 @@ def draw_image(fig, smd: SmallData, d: DetectorData):
         ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
     ax.set_xlabel("y [mm]")
     ax.set_ylabel("x [mm]")
-    ax.set_title(f"{d.name} ({d.type}): mean of {d.n_summed} events (/Sums/{d.name}_calib "
+    kind = "" if d.type == d.name else f" ({d.type})"
+    ax.set_title(f"{d.name}{kind}: mean of {d.n_summed} events (/Sums/{d.name}_calib "
                  f"/ {d.n_summed})\n{d.coords_note}, pixel {p:g} µm"
                  + ("" if smd.complete else "; file incomplete"), fontsize=9)
     return ax
