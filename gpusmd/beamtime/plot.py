@@ -223,14 +223,19 @@ def _nothing(fig, text):
     return ax
 
 
-def image_limits(img):
-    """A diverging scale centred on 0 whose ends are the 0.5 and 99.5 percentiles, so that
-    negative values (over-subtracted pedestals, common mode) show beside the signal."""
-    from matplotlib.colors import TwoSlopeNorm
+def image_scale(img):
+    """(colour map, norm): where the 0.5 percentile is negative (over-subtracted pedestals,
+    common mode), a diverging scale centred on 0 from it to the 99.5 percentile, so that
+    negative values show beside the signal; otherwise a plain scale between the two."""
+    import matplotlib
+    from matplotlib.colors import Normalize, TwoSlopeNorm
     finite = img[np.isfinite(img)]
     lo, hi = np.percentile(finite, (0.5, 99.5)) if finite.size else (-1.0, 1.0)
-    span = max(abs(lo), abs(hi), 1e-6)
-    return TwoSlopeNorm(vcenter=0.0, vmin=min(lo, -1e-3 * span), vmax=max(hi, 1e-3 * span))
+    if lo < 0:
+        cmap, norm = "RdBu_r", TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=max(hi, 1e-3 * -lo))
+    else:
+        cmap, norm = "viridis", Normalize(lo, hi if hi > lo else lo + 1)
+    return matplotlib.colormaps[cmap].with_extremes(bad="0.55"), norm
 
 
 def roi_mask(bounds, shape) -> np.ndarray:
@@ -244,7 +249,6 @@ def draw_image(fig, smd: SmallData, d: DetectorData):
     if d.mean is None:
         return _nothing(fig, f"no /Sums/{d.name}_calib in the file\n(add calib to the "
                              f"detector's sums:)")
-    import matplotlib
     from matplotlib import patheffects
     p = d.pixel_um
     img = assemble(d.mean, d.x, d.y, p)
@@ -253,9 +257,9 @@ def draw_image(fig, smd: SmallData, d: DetectorData):
     extent = (ymin - pm / 2, ymin + (img.shape[1] - 0.5) * pm,
               xmin + (img.shape[0] - 0.5) * pm, xmin - pm / 2)
     ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.55")
+    cmap, norm = image_scale(img)
     shown = ax.imshow(img, origin="upper", extent=extent, interpolation="antialiased", cmap=cmap,
-                      norm=image_limits(img))
+                      norm=norm)
     bar = fig.colorbar(shown, ax=ax, shrink=0.85)
     bar.set_label(f"mean calibrated value [{d.units}]")
     for (name, (bounds, _)), colour in zip(d.rois.items(), ROI_COLOURS):
@@ -272,7 +276,8 @@ def draw_image(fig, smd: SmallData, d: DetectorData):
             ax.plot(yc / 1e3, xc / 1e3, "+", ms=18, mew=2.5, color=colour, path_effects=halo,
                     label=f"{name} centre x = {xc:.1f} µm, y = {yc:.1f} µm")
     if d.azavs:
-        ax.legend(loc="lower right", fontsize=8, framealpha=0.8)
+        ax.legend(loc="best", fontsize=8, framealpha=0.8)
+        _include_centres(ax, extent, [az["center"] for az in d.azavs.values() if "center" in az])
     ax.set_xlabel("y [mm]")
     ax.set_ylabel("x [mm]")
     kind = "" if d.type == d.name else f" ({d.type})"
@@ -280,6 +285,18 @@ def draw_image(fig, smd: SmallData, d: DetectorData):
                  f"/ {d.n_summed})\n{d.coords_note}, pixel {p:g} µm"
                  + ("" if smd.complete else "; file incomplete"), fontsize=9)
     return ax
+
+
+def _include_centres(ax, extent, centres_um):
+    """Limits that hold the image and, with a margin, every centre off it."""
+    left, right, bottom, top = extent              # x grows downwards: bottom > top
+    ys = [left, right, *(float(c[1]) / 1e3 for c in centres_um)]
+    xs = [top, bottom, *(float(c[0]) / 1e3 for c in centres_um)]
+    pad = 0.0
+    if min(ys) < left or max(ys) > right or min(xs) < top or max(xs) > bottom:
+        pad = 0.04 * max(max(ys) - min(ys), max(xs) - min(xs))
+    ax.set_xlim(min(ys) - pad, max(ys) + pad)
+    ax.set_ylim(max(xs) + pad, min(xs) - pad)
 
 
 def draw_azav(fig, smd: SmallData, d: DetectorData):
