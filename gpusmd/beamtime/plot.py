@@ -99,16 +99,18 @@ def pixel_pitch_um(x, y) -> float:
 
 def find_intensity(f: h5py.File, n: int, name: str | None = None):
     """(name, values) of the beam-intensity scalar: ``name``, else the first per-event
-    scalar whose name matches INTENSITY_NAMES (in that order); None when there is none."""
+    scalar outside the detectors' groups whose name matches INTENSITY_NAMES (in that
+    order); None when there is none."""
     if name:
         name = name.strip("/")
         if name not in f or not isinstance(f[name], h5py.Dataset) or f[name].shape != (n,):
             raise GpusmdError(f"{f.filename}: no per-event scalar /{name}")
         return name, f[name][()].astype(np.float64)
     scalars = []
+    skip = NOT_SCALARS | set(f.get("UserDataCfg", ()))
     f.visititems(lambda key, obj: scalars.append(key)
                  if isinstance(obj, h5py.Dataset) and obj.shape == (n,)
-                 and obj.dtype.kind in "biuf" and key.split("/")[0] not in NOT_SCALARS
+                 and obj.dtype.kind in "biuf" and key.split("/")[0] not in skip
                  else None)
     for pattern in INTENSITY_NAMES:
         for key in scalars:
