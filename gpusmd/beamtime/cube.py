@@ -34,7 +34,7 @@ from .. import __version__
 from ..backend import Backend, get_backend
 from ..config import Config
 from ..errors import GpusmdError
-from ..io.output import check_new_output, open_written, written_whole
+from ..io.output import check_new_output, open_small_data, written_whole
 from ..io.source import open_run
 from .avimage import calibration_processors
 from .select import Selection
@@ -160,13 +160,7 @@ def make_cube(smd_paths, bins, selection: Selection | None = None, raw_paths=Non
     cube = CubeSums(bins)
     images: dict[str, np.ndarray] = {}
     for k, path in enumerate(smd_paths):
-        if not path.exists():
-            raise GpusmdError(f"{path}: small-data file not found")
-        try:
-            f = open_written(path)
-        except OSError as e:
-            raise GpusmdError(f"{path}: cannot read it as HDF5 ({e})") from None
-        with f:
+        with open_small_data(path) as f:
             if "event_id" not in f:
                 raise GpusmdError(f"{path}: no /event_id (not a small-data file)")
             _check_columns([name for name, _ in bins] + selection.names, f, path)

@@ -36,7 +36,7 @@ from ..detectors import get_detector
 from ..errors import GpusmdError
 from ..features import canonical_kind
 from ..geometry import assemble
-from ..io.output import check_new_output, open_written, written_whole
+from ..io.output import check_new_output, open_small_data, written_whole
 
 DPI = 80
 # per-event scalars that measure the beam, in order of preference
@@ -193,13 +193,7 @@ def read_detector(f: h5py.File, det: str) -> DetectorData:
 def read_small_data(path, detector: str | None = None, intensity: str | None = None) -> SmallData:
     """The parts of a small-data file the pictures show; ``detector`` None: all of them."""
     path = Path(path)
-    if not path.exists():
-        raise GpusmdError(f"{path}: small-data file not found")
-    try:
-        f = open_written(path)
-    except OSError as e:
-        raise GpusmdError(f"{path}: cannot read it as HDF5 ({e})") from None
-    with f:
+    with open_small_data(path) as f:
         dets = list(f["UserDataCfg"]) if "UserDataCfg" in f else []
         if not dets:
             raise GpusmdError(f"{path}: no /UserDataCfg: not a small-data file of a detector")

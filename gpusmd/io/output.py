@@ -167,6 +167,18 @@ def open_written(path) -> h5py.File:
         return h5py.File(path, "r", swmr=True)
 
 
+def open_small_data(path) -> h5py.File:
+    """open_written for a command's input: a missing or unreadable file is one
+    GpusmdError that names it."""
+    path = Path(path)
+    if not path.exists():
+        raise GpusmdError(f"{path}: small-data file not found")
+    try:
+        return open_written(path)
+    except OSError as e:
+        raise GpusmdError(f"{path}: cannot read it as HDF5 ({e})") from None
+
+
 def is_complete(path) -> bool:
     """Whether the small-data file ``path`` was finished (root attribute complete = 1);
     False for one that was interrupted, killed or stopped by a full disk, and for one
