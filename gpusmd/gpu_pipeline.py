@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .calib.calibrate import lut_rows
 from .detectors import DETECTORS, DetectorModel, get_detector
 from .errors import GpusmdError
 from .features.droplet import droplet_bytes_per_pixel
@@ -100,7 +101,7 @@ def memory_report(model: DetectorModel, batch_size: int, n_functions_hint: int =
         int(np.ceil(n * droplet_bytes_per_pixel(droplet_occupancy))),
     }
     fixed = {
-        "lut": (model.ngain + (model.family == "epix10k")) * n * 2 * 4,   # calibrate.lut_rows
+        "lut": lut_rows(model) * n * 2 * 4,
         "control_bits": n if model.family == "epix10k" else 0,
         "common_mode_tables": (_switch_states(model) * n * 9 + 4 * n) if common_mode else 0,
         "feature_maps": int(n_functions_hint) * n * 16,
