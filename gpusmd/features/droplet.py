@@ -88,20 +88,23 @@ def structure_4conn() -> np.ndarray:
     return s
 
 
+# (destination, source) slices of (..., rows, cols): the up, down, left, right neighbour
+_SHIFTS = tuple(
+    ((Ellipsis, *d), (Ellipsis, *s)) for d, s in (
+        ((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
+        ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+        ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+        ((slice(None), slice(None, -1)), (slice(None), slice(1, None)))))
+
+
 def neighbours(a, fill=0):
     """The up, down, left, right neighbours of (..., rows, cols) within each image
     (``fill`` outside)."""
     out = []
-    for axis, step in ((-2, 1), (-2, -1), (-1, 1), (-1, -1)):
+    for dst, src in _SHIFTS:
         n = a.copy()
         n[...] = fill
-        src = [slice(None)] * a.ndim
-        dst = [slice(None)] * a.ndim
-        if step == 1:      # neighbour at index - 1 (up / left)
-            dst[axis], src[axis] = slice(1, None), slice(None, -1)
-        else:              # neighbour at index + 1 (down / right)
-            dst[axis], src[axis] = slice(None, -1), slice(1, None)
-        n[tuple(dst)] = a[tuple(src)]
+        n[dst] = a[src]
         out.append(n)
     return out
 
@@ -183,15 +186,6 @@ def check_common(params, where):
 
 DROPLET_KEYS = ("threshold", "thresholdLow", "thresADU", "useRms", "mask", "pixmax",
                 "relabel", "joinBrightest")
-
-# (destination, source) slices of (..., rows, cols): the up, down, left, right neighbour
-_SHIFTS = tuple(
-    ((Ellipsis, *d), (Ellipsis, *s)) for d, s in (
-        ((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
-        ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
-        ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-        ((slice(None), slice(None, -1)), (slice(None), slice(1, None)))))
-
 
 def touching(a):
     """``a`` or any of its 4-neighbours, within each image of (..., rows, cols) bools."""
