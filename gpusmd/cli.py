@@ -25,10 +25,9 @@ def cmd_simulate(args):
 
 
 def cmd_convert(args):
-    from pathlib import Path
+    from .io.output import check_new_output
     from .io.xtc2 import write_xtc2
-    if Path(args.output).exists() and not args.force:
-        raise GpusmdError(f"{args.output} exists (give --force to replace it)")
+    check_new_output(args.output, args.force)
     print(f"wrote {write_xtc2(args.raw, args.output)}")
 
 
