@@ -2,12 +2,8 @@
 ``mask``, ``cube`` and ``plot`` (:func:`add_commands` adds them to the ``gpusmd`` parser)."""
 from __future__ import annotations
 
+from ..cli import BACKEND_HELP, SOURCE_HELP
 from ..errors import GpusmdError
-
-SOURCE_HELP = ("raw HDF5 file, XTC2 file or directory, or psana source "
-               "(exp=EXP:run=N[:dir=DIR], shmem=NAME)")
-BACKEND_HELP = ("where to run (default: $GPUSMD_BACKEND, else the config's backend, else auto: "
-                "the GPU when CuPy can run a kernel there)")
 
 
 def _outputs_free(force: bool, *paths):
