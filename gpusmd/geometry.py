@@ -96,11 +96,6 @@ def detector_coords(model, geometry: Geometry | None = None):
     return x, y, z
 
 
-def geometry_source(model) -> str:
-    """The file the model's coordinates come from ("" for the regular grid)."""
-    return str(model.extra.get("geometry", "")) if isinstance(model.extra, dict) else ""
-
-
 # ---- the assembled image ---------------------------------------------------------------
 def image_index(x, y, pixel_size_um: float):
     """Row and column of every pixel in the assembled image:
@@ -121,4 +116,4 @@ def assemble(values, x, y, pixel_size_um: float, fill=np.nan) -> np.ndarray:
 
 __all__ = ["Geometry", "GeometryError", "PSANA_DEFAULT", "PSANA_DEFAULT_FILES",
            "GEOMETRY_SUFFIXES", "psana_default_file", "read_geometry", "default_geometry",
-           "with_geometry", "detector_coords", "geometry_source", "image_index", "assemble"]
+           "with_geometry", "detector_coords", "image_index", "assemble"]
