@@ -56,6 +56,7 @@ from .. import __version__
 from ..detectors import DETECTORS, DetectorModel, get_detector
 from ..errors import ConfigError, ConstantsError, RawFileError
 from ..io.output import check_new_output, written_whole
+from .calibrate import OFFSET_FAMILIES
 from .constants import RUN_ANY, Constants
 
 FORMAT = "gpusmd-psana-constants"
@@ -71,7 +72,7 @@ EXTENSIONS = (".data", ".txt", ".npy")
 OFFLINE_ENV = "GPUSMD_OFFLINE"                # set (not 0/empty): never contact the database
 TIMEOUT_ENV = "GPUSMD_CALIB_DB_TIMEOUT"       # seconds to reach the database (default 5)
 DEFAULT_TIMEOUT_S = 5.0
-PSANA_OFFSET_FAMILIES = ("jungfrau",)         # psana's calibration adds pixel_offset
+PSANA_OFFSET_FAMILIES = OFFSET_FAMILIES       # psana's calibration adds pixel_offset, as ours
 
 
 # ---- shapes ---------------------------------------------------------------------------
