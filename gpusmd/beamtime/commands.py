@@ -132,9 +132,16 @@ def cmd_plot(args):
         print(f"wrote {path}")
 
 
+def _add_run_options(s):
+    """The options of the commands that calibrate frames: backend, batch size, quiet."""
+    from ..backend import BACKEND_CHOICES
+    s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def add_commands(sub):
     """The beamtime subcommands, on the ``gpusmd`` parser's subparsers ``sub``."""
-    from ..backend import BACKEND_CHOICES
     from .avimage import STATS
 
     s = sub.add_parser("avimage", help="an average (max, median, std) image of calibrated frames")
@@ -148,9 +155,7 @@ def add_commands(sub):
     s.add_argument("--stat", choices=STATS, default="mean")
     s.add_argument("-o", "--output", required=True, help="average-image file (HDF5)")
     s.add_argument("--png", help="a picture of the assembled image")
-    s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_run_options(s)
     s.add_argument("--force", action="store_true", help="replace existing outputs")
     s.set_defaults(func=cmd_avimage)
 
@@ -213,9 +218,7 @@ def add_commands(sub):
                    help="the raw run of each small-data file: calibrated images per bin too")
     s.add_argument("--config", help="the config of the calibration (with --raw)")
     s.add_argument("-o", "--output", required=True, help="cube file (HDF5)")
-    s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_run_options(s)
     s.add_argument("--force", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_cube)
 
