@@ -57,7 +57,7 @@ from ..detectors import DETECTORS, DetectorModel, get_detector
 from ..errors import ConfigError, ConstantsError, RawFileError
 from ..io.output import check_new_output, written_whole
 from .calibrate import OFFSET_FAMILIES
-from .constants import RUN_ANY, Constants
+from .constants import FIELDS, RUN_ANY, Constants
 
 FORMAT = "gpusmd-psana-constants"
 FORMAT_VERSION = 1
@@ -110,7 +110,7 @@ def _model(model) -> DetectorModel | None:
 # ---- gpusmd -> psana ------------------------------------------------------------------
 def _check_constants(constants: Constants, detname: str):
     expected = (constants.model.ngain, *constants.model.shape)
-    for name in ("pedestal", "rms", "gain", "offset", "status", "mask"):
+    for name in FIELDS:
         shape = np.shape(getattr(constants, name))
         if shape != expected:
             raise ConstantsError(f"{detname}: {name} has shape {shape}, expected {expected} "
