@@ -45,23 +45,15 @@ def _pair(text, what):
 
 def cmd_beamcenter(args):
     import json
-    import numpy as np
     from .avimage import AvImage
     from .beamcenter import calibrant_q, fit_beam_center, plot_fit, report, write_poni
+    from .mask import load_mask
     _outputs_free(args.force, args.png, args.poni, args.json)
     av = AvImage.load(args.avimage)
     q = list(args.ring or [])
     if args.calibrant:
         q += calibrant_q(args.calibrant)
-    user_mask = None
-    if args.mask:
-        from pathlib import Path
-        if not Path(args.mask).exists():
-            raise GpusmdError(f"{args.mask}: mask file not found")
-        user_mask = np.load(args.mask)
-        if user_mask.size != av.image.size:
-            raise GpusmdError(f"{args.mask}: a mask of shape {user_mask.shape}; the image's "
-                              f"is {av.shape}")
+    user_mask = load_mask(args.mask, av.shape) if args.mask else None
     if args.fit_tilt and not q:
         raise GpusmdError("--fit-tilt needs rings of known q (--ring Q or --calibrant)")
     bc = fit_beam_center(av, q_known=q or None, distance_mm=args.dis_to_sam,

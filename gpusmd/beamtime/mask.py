@@ -71,18 +71,24 @@ def parse_bits(text) -> int:
         raise GpusmdError(f"status bits {text!r}: expected numbers like 1,4 or 0x5") from None
 
 
+def load_mask(path, shape) -> np.ndarray:
+    """A user mask file (.npy, non-zero = good) of a detector of raw ``shape``: bool, that
+    shape."""
+    path = Path(path)
+    if not path.exists():
+        raise GpusmdError(f"{path}: mask file not found")
+    m = np.load(path)
+    if m.size != int(np.prod(shape)):
+        raise GpusmdError(f"{path}: a mask of shape {m.shape}; the detector's is {tuple(shape)}")
+    return m.reshape(shape) != 0
+
+
 def make_mask(av: AvImage, above=None, below=None, rects=(), circles=(), polygons=(),
               status_bits=None, units: str = "px", start=None, with_calib_mask=False):
     """The user mask (module docstring) and how many pixels each rule masked."""
     good = np.ones(av.shape, bool)
     if start is not None:
-        start = Path(start)
-        if not start.exists():
-            raise GpusmdError(f"{start}: mask file not found")
-        m = np.load(start)
-        if m.size != good.size:
-            raise GpusmdError(f"{start}: a mask of shape {m.shape}; the detector's is {av.shape}")
-        good &= m.reshape(av.shape) != 0
+        good &= load_mask(start, av.shape)
     counts = {}
 
     def drop(name, bad):
