@@ -37,15 +37,14 @@ def frame_rms(constants: Constants, convention: str = "divide") -> np.ndarray:
     return constants.rms[0] * scale.reshape(shape)
 
 
-def build_feature(f, model, masks, backend, constants, parent=None, convention="divide"):
+def build_feature(f, model, masks, backend, rms=None, parent=None):
     """One configured function, on the detector's frames or on ``parent``'s output; kinds
-    that threshold in noise units get the noise in the units of the frames (see
+    that threshold in noise units get ``rms``, the noise in the units of the frames (see
     frame_rms), cut as the parent cuts its frames (an ROI's noise for a function on the
     ROI, as smalldata_tools' ROIFunc.addFunc hands it on)."""
     cls = FEATURES[f.kind]
     extra = {}
     if cls.accepts_rms:
-        rms = frame_rms(constants, convention)
         extra["rms"] = rms if parent is None else parent.child_map(rms)
     return cls(f.name, f.params, model, masks, backend, f.where,
                input_shape=None if parent is None else parent.output_shape, **extra)
@@ -108,14 +107,16 @@ class DetectorProcessor:
         self.features = []
         self.parents = {}                  # child name -> parent feature
         by_name = {}
+        rms = None                         # the frames' noise, for the functions that take it
         for f in cfg.functions:
             parent = by_name.get(f.parent)
             if parent is not None and (parent.output_shape is None
                                        or not FEATURES[f.kind].takes(parent)):
                 raise (f.where / "parent").error(f"a {f.kind} cannot take the output of "
                                                  f"{f.parent} ({parent.kind})")
-            feature = build_feature(f, model, self.masks, backend, self.constants, parent,
-                                    cfg.gain_convention)
+            if rms is None and FEATURES[f.kind].accepts_rms:
+                rms = frame_rms(self.constants, cfg.gain_convention)
+            feature = build_feature(f, model, self.masks, backend, rms, parent)
             if parent is not None:
                 self.parents[feature.name] = parent
             by_name[f.name] = feature
