@@ -283,12 +283,6 @@ class BeamCenter:
         out["pixel1"] = out["pixel2"] = self.pixel_size_um * 1e-6
         return out
 
-    def center_px(self) -> tuple:
-        """(row, col) of the centre in the assembled image (fractional)."""
-        p = self.pixel_size_um
-        return ((self.center_um[0] - self.origin_um[0]) / p - 0.5,
-                (self.center_um[1] - self.origin_um[1]) / p - 0.5)
-
 
 def fit_beam_center(av: AvImage, q_known=None, distance_mm=None, ebeam_keV=None,
                     fit_tilt=False, tilt_deg=(0.0, 0.0), guess_um=None, threshold=95.0,
@@ -397,7 +391,7 @@ def fit_beam_center(av: AvImage, q_known=None, distance_mm=None, ebeam_keV=None,
 
 # ---- output -------------------------------------------------------------------------
 def report(bc: BeamCenter, av: AvImage) -> str:
-    row, col = bc.center_px()
+    row, col = av.to_image_px(*bc.center_um)
     lines = [f"{av.path.name}: {av.detector} ({av.attrs.get('type', '')}), "
              f"{len(bc.rings)} ring(s), fitted: {bc.fitted}",
              f"beam centre: x = {bc.center_um[0]:.1f} um, y = {bc.center_um[1]:.1f} um "
