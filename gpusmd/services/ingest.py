@@ -374,7 +374,7 @@ class Ingest:
                 self.quiet.warning(f"worker {name} silent for {now - w.last_seen:.1f} s: "
                                    f"dropped; re-sending batches {lost}", kind=f"drop {name}")
                 self.metrics.inc("resent_batches", len(lost))
-                self.requeue([self.in_flight.pop(b)[0] for b in lost])
+                self.requeue([self.take_back(b) for b in lost])
 
     def on_ack(self, frames):
         try:
@@ -395,10 +395,7 @@ class Ingest:
             return self.refuse(f"ack of batch {b} without the sink's token: refused")
         self.last_ack = time.monotonic()
         if sent:
-            self.in_flight.pop(b)
-            w = self.workers.get(sent[1])
-            if w is not None:
-                w.batches.discard(b)
+            self.take_back(b)
         else:                   # its worker was dropped and the batch waits to be re-sent
             self.pending.remove(batch)
         self.let_go(batch)
@@ -443,14 +440,15 @@ class Ingest:
                            f"not acknowledged {lost} to the workers",
                            kind="send again")
         self.metrics.inc("resent_batches", len(lost))
-        again = []
-        for b in lost:
-            batch, name = self.in_flight.pop(b)
-            w = self.workers.get(name)
-            if w is not None:
-                w.batches.discard(b)
-            again.append(batch)
-        self.requeue(again)
+        self.requeue([self.take_back(b) for b in lost])
+
+    def take_back(self, b: int) -> Batch:
+        """Batch ``b``, out with a worker, no longer counted as out (nor as that worker's)."""
+        batch, name = self.in_flight.pop(b)
+        w = self.workers.get(name)
+        if w is not None:
+            w.batches.discard(b)
+        return batch
 
     def requeue(self, batches: list):
         """Batches to send again, among the waiting ones in batch order: the sink writes in
