@@ -53,6 +53,9 @@ from .select import Selection
 FORMAT = "gpusmd-avimage"
 FORMAT_VERSION = 1
 STATS = ("mean", "max", "median", "std")
+# the datasets AvImage reads: its field -> the file's dataset
+DATASETS = {"image": "image", "x": "x", "y": "y", "z": "z", "mask": "mask", "status": "status",
+            "row": "assembled/row", "col": "assembled/col"}
 
 
 def choose_detector(config: Config, name: str | None) -> str:
@@ -157,9 +160,7 @@ def write_avimage(path, result: dict, force: bool = False) -> Path:
         f.create_dataset("image", data=image)
         for key, value in images.items():
             f.create_dataset(key, data=value)
-        for key in ("x", "y", "z"):
-            f.create_dataset(key, data=result[key])
-        for key in ("mask", "status", "event_id"):
+        for key in ("x", "y", "z", "mask", "status", "event_id"):
             f.create_dataset(key, data=result[key])
         g = f.create_group("assembled")
         g.create_dataset("image", data=assemble(image, x, y, p))
@@ -206,22 +207,19 @@ class AvImage:
                 if f.attrs.get("format") != FORMAT:
                     raise GpusmdError(f"{path}: not an average-image file (root attribute "
                                       f"format is {f.attrs.get('format')!r}, not {FORMAT!r})")
-                missing = [k for k in ("image", "x", "y", "z", "mask", "status",
-                                       "assembled/row", "assembled/col") if k not in f]
+                missing = [name for name in DATASETS.values() if name not in f]
                 if missing:
                     raise GpusmdError(f"{path}: missing /{missing[0]}")
-                arrays = {k: f[k][()] for k in ("image", "x", "y", "z", "mask", "status")}
-                row, col = f["assembled/row"][()], f["assembled/col"][()]
+                arrays = {key: f[name][()] for key, name in DATASETS.items()}
                 attrs = {k: (v.decode() if isinstance(v, bytes) else v)
                          for k, v in f.attrs.items()}
         except OSError as e:
             raise GpusmdError(f"{path}: cannot read it as HDF5 ({e})") from None
         shape = arrays["image"].shape
         for key in ("x", "y", "z", "mask", "row", "col"):
-            value = arrays.get(key, row if key == "row" else col)
-            if value.shape != shape:
-                raise GpusmdError(f"{path}: /{key} has shape {value.shape}, /image {shape}")
-        return cls(path, row=row, col=col, attrs=attrs, **arrays)
+            if arrays[key].shape != shape:
+                raise GpusmdError(f"{path}: /{key} has shape {arrays[key].shape}, /image {shape}")
+        return cls(path, attrs=attrs, **arrays)
 
     def assembled(self, values=None, fill=np.nan) -> np.ndarray:
         """A raw-shaped array (default the image) placed as the assembled image."""
