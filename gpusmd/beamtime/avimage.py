@@ -221,10 +221,15 @@ class AvImage:
                 raise GpusmdError(f"{path}: /{key} has shape {arrays[key].shape}, /image {shape}")
         return cls(path, attrs=attrs, **arrays)
 
+    @property
+    def assembled_shape(self) -> tuple:
+        """(H, W) of the assembled image."""
+        return int(self.row.max()) + 1, int(self.col.max()) + 1
+
     def assembled(self, values=None, fill=np.nan) -> np.ndarray:
         """A raw-shaped array (default the image) placed as the assembled image."""
         values = self.image if values is None else np.asarray(values)
-        img = np.full((int(self.row.max()) + 1, int(self.col.max()) + 1), fill, np.float32)
+        img = np.full(self.assembled_shape, fill, np.float32)
         img[self.row.ravel(), self.col.ravel()] = values.astype(np.float32).ravel()
         return img
 

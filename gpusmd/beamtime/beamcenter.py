@@ -416,7 +416,7 @@ def report(bc: BeamCenter, av: AvImage) -> str:
     if poni is None:
         lines.append("PONI: needs the distance (give --dis-to-sam, or --ring Q / --calibrant)")
     else:
-        shape = av.assembled().shape
+        shape = av.assembled_shape
         lines.append(f"PONI (pyFAI; detector: the assembled image {shape[0]} x {shape[1]}, "
                      f"pixel {bc.pixel_size_um:g} um):")
         lines += [f"  Distance: {poni['dist']:.6g}", f"  Poni1: {poni['poni1']:.6g}",
@@ -436,7 +436,7 @@ def write_poni(bc: BeamCenter, av: AvImage, path, force: bool = False) -> Path:
     path = check_new_output(path, force)
     from pyFAI.detectors import Detector
     from pyFAI.geometry import Geometry
-    shape = av.assembled().shape
+    shape = av.assembled_shape
     geometry = Geometry(dist=poni["dist"], poni1=poni["poni1"], poni2=poni["poni2"],
                         rot1=poni["rot1"], rot2=poni["rot2"], rot3=poni["rot3"],
                         wavelength=poni["wavelength"],
