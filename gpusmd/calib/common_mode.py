@@ -440,11 +440,6 @@ class CommonMode:
         self.ctx = ModeContext(model, None if rms is None else xp.asarray(rms, dtype=xp.float32)
                                .reshape(-1), xp, engine=engine, rules=rules)
 
-    @property
-    def gain_zero_votes(self) -> bool:
-        """Whether the unmasked pixels of gain 0 vote (psana's rules)."""
-        return self.ctx.rules == "psana"
-
     def __call__(self, adu, good) -> dict:
         """Correct adu (B, npix) in place; returns per-event statistics (B,) arrays."""
         return self._per_event(self.function(adu, good, self.cmpars, self.ctx), len(adu))
@@ -457,9 +452,9 @@ class CommonMode:
 
     def calibrate(self, raw, control_bits, lut, family: int, vote_ranges: int, vote_mask=None):
         """Raw frames (B, npix) -> (calibrated (B, npix), per-event statistics); vote_mask
-        (npix,): the unmasked pixels (see mode7_fused)."""
+        (npix,): the unmasked pixels (see mode7_fused), the Calibrator's with psana's rules."""
         calib, stats = mode7_fused(raw, control_bits, lut, family, vote_ranges, self.cmpars,
-                                   self.ctx, vote_mask if self.gain_zero_votes else None)
+                                   self.ctx, vote_mask)
         return calib, self._per_event(stats, len(calib))
 
     def _per_event(self, stats: dict, nbatch: int) -> dict:
