@@ -247,14 +247,13 @@ class AvImage:
 
 
 def figure(img: np.ndarray, title: str, percentile=(1.0, 99.5)):
-    """A matplotlib figure (Agg, no display) of an assembled image, colour limits at
-    percentiles of its finite values (as plotAvImage's clim); returns (fig, ax)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A matplotlib figure (Agg, no pyplot, no display) of an assembled image, colour
+    limits at percentiles of its finite values (as plotAvImage's clim); returns (fig, ax)."""
+    from .plot import _figure
     finite = img[np.isfinite(img)]
     lo, hi = np.percentile(finite, percentile) if finite.size else (0.0, 1.0)
-    fig, ax = plt.subplots(figsize=(7, 6.5))
+    fig = _figure((7, 6.5), layout=None)
+    ax = fig.add_subplot()
     shown = ax.imshow(img, origin="upper", interpolation="none", cmap="viridis",
                       vmin=lo, vmax=hi if hi > lo else lo + 1)
     fig.colorbar(shown, ax=ax, shrink=0.8)
@@ -266,11 +265,9 @@ def figure(img: np.ndarray, title: str, percentile=(1.0, 99.5)):
 
 def save_figure(fig, path, force: bool = False) -> Path:
     path = check_new_output(path, force)
-    import matplotlib.pyplot as plt
     path.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(path) as part:
         fig.savefig(part, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
     return path
 
 

@@ -415,10 +415,12 @@ PANEL_SIZE = {"image": (7.5, 6.5), "azav": (7.5, 5), "roi": (7.5, 5), "counts": 
 
 
 # ---- figures and files -----------------------------------------------------------------
-def _figure(size):
+def _figure(size, layout="constrained"):
+    """A matplotlib Figure on the Agg canvas (no pyplot: a caller's own backend is left
+    as it is)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=size, layout="constrained")
+    fig = Figure(figsize=size, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
