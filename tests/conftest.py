@@ -1,4 +1,5 @@
 """Shared fixtures: small simulated raw runs (cached per session, treat them as read-only)."""
+import threading
 import time
 
 import pytest
@@ -39,6 +40,35 @@ def wait_for(condition, what: str, timeout: float = 30):
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.05)
+
+
+def replay_reference(d, out="reference.h5"):
+    """d/<out>: the in-process replay (CPU) of d/run.h5 with d/run.yaml, what the files of
+    the services are compared with."""
+    from gpusmd.backend import get_backend
+    from gpusmd.config import load_config
+    from gpusmd.replay import replay
+    replay(d / "run.h5", load_config(d / "run.yaml"), d / out, get_backend("cpu"),
+           progress=False)
+    return d / out
+
+
+def chain_config(chain, config_path=None):
+    """The config of a LocalServices chain (or the one at ``config_path``) with the
+    chain's addresses: what a publisher into the chain is given."""
+    from gpusmd.config import load_config
+    cfg = load_config(config_path or chain.config_path)
+    cfg.services.__dict__.update(chain.addresses)
+    return cfg
+
+
+def publish_in_thread(chain, raw, rate: float = 0.0, config_path=None) -> threading.Thread:
+    """Publish the run ``raw`` into the chain from a daemon thread (started)."""
+    from gpusmd.services.publish import publish
+    sender = threading.Thread(target=publish, args=(raw, chain_config(chain, config_path), rate),
+                              daemon=True)
+    sender.start()
+    return sender
 
 
 def assert_same_datasets(a, b, skip=()):

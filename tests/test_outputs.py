@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import urllib.request
 
@@ -25,7 +24,7 @@ from gpusmd.services.local import LocalServices, free_port
 from gpusmd.services.publish import publish
 from gpusmd.simulate import simulate_run
 
-from conftest import wait_for
+from conftest import chain_config, publish_in_thread, replay_reference, wait_for
 
 N_EVENTS = 96
 # a slow user function (to interrupt a replay) and one that fails at its third batch
@@ -99,9 +98,7 @@ def one_error_line(r, *words):
 def reference(d):
     """The complete replay of the run."""
     out = d / "reference.h5"
-    if not out.exists():
-        replay(d / "run.h5", load_config(d / "run.yaml"), out, get_backend("cpu"), progress=False)
-    return out
+    return out if out.exists() else replay_reference(d)
 
 
 def assert_prefix_of_reference(d, path, swmr=False):
@@ -273,13 +270,10 @@ FRAME_BYTES = 128 * 128 * 2
 
 def chain_of(d, name, output, **kw):
     """The services (ingest, one worker, sink, serving until stopped) with the config of
-    SERVICES_CONFIG, their logs in d/logs_<name>, and the config with their addresses."""
+    SERVICES_CONFIG, their logs in d/logs_<name>."""
     (d / "svc.yaml").write_text(textwrap.dedent(SERVICES_CONFIG))
-    chain = LocalServices(d / "svc.yaml", output, 1, "cpu", once=False,
-                          log_dir=d / f"logs_{name}", **kw).start()
-    cfg = load_config(d / "svc.yaml")
-    cfg.services.__dict__.update(chain.addresses)
-    return chain, cfg
+    return LocalServices(d / "svc.yaml", output, 1, "cpu", once=False,
+                         log_dir=d / f"logs_{name}", **kw).start()
 
 
 READER = """\
@@ -300,9 +294,9 @@ def test_the_sink_marks_its_file_and_never_replaces_one(d):
     <name>_1.h5; both complete, with the same events; nothing hangs. A reader holding the
     growing file open does not keep the sink from finishing it."""
     first, second = d / "sink_Run0003.h5", d / "sink_Run0003_1.h5"
-    chain, cfg = chain_of(d, "twice", d / "sink_Run{run:04d}.h5", sink_args=["--delay-ms", "20"])
+    chain = chain_of(d, "twice", d / "sink_Run{run:04d}.h5", sink_args=["--delay-ms", "20"])
     try:
-        threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+        publish_in_thread(chain, d / "run.h5")
         # another process watching the growing file, open until the run is over
         reader = subprocess.Popen([sys.executable, "-c", READER, str(first)],
                                   stdout=subprocess.PIPE, text=True)
@@ -315,7 +309,7 @@ def test_the_sink_marks_its_file_and_never_replaces_one(d):
             reader.kill()
             reader.wait()
         before = first.read_bytes()
-        publish(d / "run.h5", cfg)
+        publish(d / "run.h5", chain_config(chain))
         wait_for(lambda: is_complete(second), "the second take was not written")
     finally:
         chain.stop()
@@ -339,7 +333,7 @@ def test_a_killed_sink_had_acknowledged_only_what_is_in_its_file(d):
     says it holds (n_events); the file is incomplete."""
     out = d / "killed_sink.h5"
     port = free_port()
-    chain, cfg = chain_of(d, "killed", out, sink_args=["--delay-ms", "100"],
+    chain = chain_of(d, "killed", out, sink_args=["--delay-ms", "100"],
                           ingest_args=["--metrics-port", str(port)])
 
     def acknowledged():
@@ -350,7 +344,7 @@ def test_a_killed_sink_had_acknowledged_only_what_is_in_its_file(d):
         return (m.get("gpusmd_ingest_events_total", 0)
                 - m.get("gpusmd_ingest_held_bytes", 0) / FRAME_BYTES)
     try:
-        threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+        publish_in_thread(chain, d / "run.h5")
         wait_for(lambda: acknowledged() >= 24, "nothing acknowledged")
         chain.sink.send_signal(signal.SIGKILL)
         chain.sink.wait(5)
@@ -365,9 +359,9 @@ def test_a_killed_sink_had_acknowledged_only_what_is_in_its_file(d):
 
 def test_the_sink_on_a_full_disk_stops_in_one_line(d, small_disk):
     out = small_disk / "sink.h5"
-    chain, cfg = chain_of(d, "full", out)
+    chain = chain_of(d, "full", out)
     try:
-        threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+        publish_in_thread(chain, d / "run.h5")
         wait_for(lambda: chain.sink.poll() is not None, "the sink went on")
     finally:
         chain.stop()

@@ -5,7 +5,6 @@ the same run."""
 import re
 import signal
 import textwrap
-import threading
 import time
 import urllib.request
 
@@ -14,20 +13,16 @@ import numpy as np
 import pytest
 import zmq
 
-from gpusmd.backend import get_backend
 from gpusmd.calib.dark import process_dark
-from gpusmd.config import load_config
 from gpusmd.io.raw import RawRun
-from gpusmd.replay import replay
 from gpusmd.runinfo import RunInfo
 from gpusmd.services.common import make_keys
 from gpusmd.services.local import LocalServices, free_port
 from gpusmd.services.protocol import encode
-from gpusmd.services.publish import publish
 from gpusmd.services.shm import host_key
 from gpusmd.simulate import simulate_run
 
-from conftest import assert_same_datasets
+from conftest import assert_same_datasets, publish_in_thread, replay_reference
 
 DET = "jungfrau05M"          # 1 MB frames
 N_EVENTS = 48
@@ -55,8 +50,7 @@ def setup(tmp_path_factory):
     simulate_run(d / "run.h5", DET, n_events=N_EVENTS, run=2)
     process_dark(d / "dark.h5", d / "constants.h5")
     (d / "run.yaml").write_text(textwrap.dedent(CONFIG))
-    replay(d / "run.h5", load_config(d / "run.yaml"), d / "reference.h5", get_backend("cpu"),
-           progress=False)
+    replay_reference(d)
     return d
 
 
@@ -72,10 +66,7 @@ def run_chain(d, out, rate=0.0, workers=2, during=None, config="run.yaml", timeo
                                  for i in range(workers)):
             assert time.monotonic() < deadline, "the workers did not join"
             time.sleep(0.05)
-        cfg = load_config(d / config)
-        cfg.services.__dict__.update(chain.addresses)
-        sender = threading.Thread(target=publish, args=(d / "run.h5", cfg, rate), daemon=True)
-        sender.start()
+        sender = publish_in_thread(chain, d / "run.h5", rate)
         if during is not None:
             during(chain)
         status = chain.wait_sink(timeout)
@@ -171,9 +162,7 @@ def test_sink_killed_leaves_a_readable_prefix(setup):
     chain = LocalServices(setup / "run.yaml", out, 2, "cpu", sink_args=["--delay-ms", "100"],
                           log_dir=setup / "logs_killed_sink").start()
     try:
-        cfg = load_config(setup / "run.yaml")
-        cfg.services.__dict__.update(chain.addresses)
-        threading.Thread(target=publish, args=(setup / "run.h5", cfg), daemon=True).start()
+        publish_in_thread(chain, setup / "run.h5")
         kill_sink(chain)
         chain.sink.wait(5)
     finally:
@@ -276,10 +265,7 @@ def test_slow_sink_keeps_ingest_memory_bounded(setup):
     chain = LocalServices(setup / "slow.yaml", out, 1, "cpu", sink_args=["--delay-ms", "60"],
                           log_dir=setup / "logs_slow", ingest_args=["--metrics-port", str(port)])
     with chain:
-        cfg = load_config(setup / "slow.yaml")
-        cfg.services.__dict__.update(chain.addresses)
-        sender = threading.Thread(target=publish, args=(setup / "run.h5", cfg), daemon=True)
-        sender.start()
+        sender = publish_in_thread(chain, setup / "run.h5")
         watch(chain)
         sender.join(10)
         assert chain.sink.returncode == 0
@@ -297,9 +283,7 @@ def test_wrong_curve_keys_are_refused(setup):
     (setup / "wrong.yaml").write_text(base.replace("services:\n", f"services:\n  curve_keys: {other}\n"))
     out = setup / "curve_wrong.h5"
     with LocalServices(setup / "curve.yaml", out, 1, "cpu", log_dir=setup / "logs_curve") as chain:
-        cfg = load_config(setup / "wrong.yaml")
-        cfg.services.__dict__.update(chain.addresses)
-        threading.Thread(target=publish, args=(setup / "run.h5", cfg), daemon=True).start()
+        publish_in_thread(chain, setup / "run.h5", config_path=setup / "wrong.yaml")
         time.sleep(3)
         assert chain.sink.poll() is None and not out.exists()     # nothing got through
     out = setup / "curve_right.h5"

@@ -6,24 +6,20 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import h5py
 import numpy as np
 import pytest
 
-from gpusmd.backend import get_backend
-from gpusmd.config import load_config
 from gpusmd.io.compare import diff_files
 from gpusmd.io.output import is_complete, open_written
-from gpusmd.replay import replay
 from gpusmd.services.local import RUN_CLI, LocalServices, address_args
 from gpusmd.services.publish import publish
 from gpusmd.services.shm import PREFIX, SHM_DIR, host_key
 from gpusmd.simulate import simulate_run
 
-from conftest import wait_for
+from conftest import chain_config, publish_in_thread, replay_reference, wait_for
 
 N_EVENTS = 300
 CONFIG = """\
@@ -48,8 +44,7 @@ def d(tmp_path_factory):
     d = tmp_path_factory.mktemp("restart")
     simulate_run(d / "run.h5", "camera", n_events=N_EVENTS, shape=(128, 128), run=5)
     (d / "run.yaml").write_text(textwrap.dedent(CONFIG))
-    replay(d / "run.h5", load_config(d / "run.yaml"), d / "reference.h5", get_backend("cpu"),
-           progress=False)
+    replay_reference(d)
     return d
 
 
@@ -63,9 +58,7 @@ def rows(path) -> int:
 
 def start(d, name, out, **kw):
     chain = LocalServices(d / "run.yaml", out, 2, "cpu", log_dir=d / f"logs_{name}", **kw).start()
-    cfg = load_config(d / "run.yaml")
-    cfg.services.__dict__.update(chain.addresses)
-    threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+    publish_in_thread(chain, d / "run.h5")
     return chain
 
 
@@ -151,9 +144,7 @@ def test_a_new_ingest_of_the_same_run_goes_to_a_new_file(d):
             p.send_signal(signal.SIGKILL)
             p.wait(5)
         chain.ingest = chain._start("ingest_again", "ingest")
-        cfg = load_config(d / "run.yaml")
-        cfg.services.__dict__.update(chain.addresses)
-        threading.Thread(target=publish, args=(d / "run.h5", cfg), daemon=True).start()
+        publish_in_thread(chain, d / "run.h5")
         wait_for(lambda: is_complete(again), "the new ingest's run was not written", 60)
     finally:
         source.kill()
@@ -185,8 +176,7 @@ def test_a_run_published_twenty_times_gives_twenty_complete_files(tmp_path, slow
                           log_dir=tmp_path / "logs",
                           sink_args=["--delay-ms", "2"] if slow_sink else []).start()
     try:
-        cfg = load_config(tmp_path / "run.yaml")
-        cfg.services.__dict__.update(chain.addresses)
+        cfg = chain_config(chain)
         files = [tmp_path / "take_Run0007.h5"] + [tmp_path / f"take_Run0007_{k}.h5"
                                                   for k in range(1, takes)]
         for k in range(takes):

@@ -19,11 +19,8 @@ import numpy as np
 import pytest
 import zmq
 
-from gpusmd.backend import get_backend
-from gpusmd.config import load_config
 from gpusmd.detectors import get_detector
 from gpusmd.io.raw import RawRun
-from gpusmd.replay import replay
 from gpusmd.runinfo import RunInfo
 from gpusmd.services import common
 from gpusmd.services.common import ErrorRecords, QuietLog
@@ -33,7 +30,7 @@ from gpusmd.services.protocol import (ProtocolError, batch_token, check_result, 
 from gpusmd.services.publish import publish
 from gpusmd.simulate import simulate_run
 
-from conftest import wait_for
+from conftest import chain_config, replay_reference, wait_for
 
 DET = "camera"
 N = 100
@@ -277,8 +274,7 @@ def chain(tmp_path_factory):
     d = tmp_path_factory.mktemp("robust")
     simulate_run(d / "run.h5", DET, n_events=N, shape=(16, 16))
     (d / "run.yaml").write_text(textwrap.dedent(CONFIG))
-    replay(d / "run.h5", load_config(d / "run.yaml"), d / "reference.h5", get_backend("cpu"),
-           progress=False)
+    replay_reference(d)
     c = LocalServices(d / "run.yaml", d / "run{run}.h5", 2, "cpu", once=False,
                       log_dir=d / "logs", per_worker_args={0: ["--delay-ms", "200"]})
     c.start()
@@ -616,9 +612,7 @@ def test_idle_workers_stopped_then_resumed_take_the_next_run(chain):
             os.kill(w.pid, signal.SIGCONT)
     wait_for(lambda: count("asked to rejoin") >= before + 2,
              "the workers were not asked to rejoin", 10)
-    cfg = load_config(chain.dir / "run.yaml")
-    cfg.services.__dict__.update(chain.addresses)
-    assert publish(chain.dir / "run.h5", cfg) == N
+    assert publish(chain.dir / "run.h5", chain_config(chain)) == N
     out = written(chain, 2)
     all_alive(chain)
     assert_rows(out, chain)
