@@ -212,10 +212,7 @@ def check_common_mode(value, type_name: str, where: Where, convention: str = "ps
                           f"(known: {', '.join(map(str, sorted(all_codes())))})")
     family = DETECTORS[type_name].family if type_name in DETECTORS else None
     try:
-        if family:
-            resolve(family, value, convention=convention)
-        else:
-            resolve(None, value, check_family=False, convention=convention)
+        resolve(family, value, check_family=family is not None, convention=convention)
     except ValueError as e:
         raise where.error(str(e)) from None
     return value
