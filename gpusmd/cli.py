@@ -45,20 +45,13 @@ def cmd_dark(args):
 def cmd_replay(args):
     from .backend import get_backend
     from .config import load_config
-    from .io.output import check_new_output
     config = load_config(args.config)
     if args.via_services:
         from .backend import backend_name
-        from .io.output import run_output
-        from .io.source import open_run
         from .services.run import replay_via_services
-        with open_run(args.raw, list(config.detectors) or None) as run:
-            name = run_output(args.output, config.experiment or run.experiment, run.run)
-        output = check_new_output(name, args.force)
-        output.unlink(missing_ok=True)      # --force: the sink never replaces a file
-        summary = replay_via_services(args.raw, args.config, output, args.workers,
+        summary = replay_via_services(args.raw, args.config, args.output, args.workers,
                                       backend_name(args.backend, config.backend),
-                                      max_events=args.max_events)
+                                      max_events=args.max_events, force=args.force)
     else:
         from .replay import replay
         backend = get_backend(args.backend, config=config.backend)

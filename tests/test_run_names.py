@@ -60,3 +60,13 @@ def test_replay_without_output_names_the_file_from_the_run(d):
                        capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert os.listdir(work) == ["sim_Run0005.h5"]
+
+
+def test_replay_via_services_names_the_file_and_keeps_a_finished_one(d):
+    from gpusmd.services.run import replay_via_services
+    out = d / "svc"
+    out.mkdir()
+    summary = replay_via_services(d / "run.h5", d / "named.yaml", out, 1, "cpu")
+    assert summary.output == out / "xcs1234_Run0005.h5" and summary.n_events == 4
+    with pytest.raises(GpusmdError, match="exists"):
+        replay_via_services(d / "run.h5", d / "named.yaml", out, 1, "cpu")

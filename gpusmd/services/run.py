@@ -4,12 +4,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 
 import zmq
 
 from ..config import load_config
 from ..errors import GpusmdError
+from ..io.output import check_new_output, run_output
 from ..io.source import open_run
 from ..replay import ReplaySummary
 from .local import LocalServices
@@ -20,13 +20,16 @@ log = logging.getLogger("gpusmd.up")
 
 def replay_via_services(source, config_path, output, n_workers: int = 2, backend: str = "auto",
                         max_events: int | None = None, timeout: float = 3600.0,
-                        log_dir=None) -> ReplaySummary:
+                        log_dir=None, force: bool = False) -> ReplaySummary:
     """publish -> ingest -> N workers -> sink, each a process on loopback; waits for the
-    sink to close the file."""
+    sink to close the file. ``output`` as replay takes it (a file, or a directory or None
+    for <experiment>_Run<NNNN>.h5); an existing file is refused unless ``force``."""
     config = load_config(config_path)
-    with open_run(source, list(config.detectors) or None):   # refuse a bad source first
-        pass
-    output = Path(output)
+    with open_run(source, list(config.detectors) or None) as run:   # a bad source first
+        output = check_new_output(run_output(output, config.experiment or run.experiment,
+                                             run.run), force)
+    if output.exists():                     # --force: the sink never replaces a file
+        output.unlink()
     t0 = time.perf_counter()
     with LocalServices(config_path, output, n_workers, backend, log_dir=log_dir) as chain:
         config.services.__dict__.update(chain.addresses)
