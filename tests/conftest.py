@@ -34,6 +34,17 @@ def epix10k_pair(simulated):
 
 
 
+def backend_or_skip():
+    """The backend a test module runs on (GPUSMD_BACKEND=gpu: the device); the module is
+    skipped where that backend cannot be had (no device)."""
+    from gpusmd.backend import get_backend
+    from gpusmd.errors import GpusmdError
+    try:
+        return get_backend()
+    except GpusmdError as e:
+        pytest.skip(str(e), allow_module_level=True)
+
+
 def wait_for(condition, what: str, timeout: float = 30):
     """Poll ``condition`` until it holds; fail with ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -5,10 +5,9 @@ import re
 import numpy as np
 import pytest
 
-from gpusmd.backend import get_backend
 from gpusmd.config import Where
 from gpusmd.detectors import get_detector
-from gpusmd.errors import ConfigError, GpusmdError
+from gpusmd.errors import ConfigError
 from gpusmd.features import FEATURES
 from gpusmd.features.azimuthal import (
     HC_PYFAI_KEV_A,
@@ -18,10 +17,9 @@ from gpusmd.features.azimuthal import (
     smalldata_to_pyfai,
 )
 
-try:
-    BACKEND = get_backend()      # GPUSMD_BACKEND=gpu runs these on the device ...
-except GpusmdError as e:         # ... and skips them on a machine without one
-    pytest.skip(str(e), allow_module_level=True)
+from conftest import backend_or_skip
+
+BACKEND = backend_or_skip()       # GPUSMD_BACKEND=gpu runs these on the device
 WHERE = Where("test.yaml", "detectors.cam.functions[0]")
 SMALL = get_detector("camera", (21, 31))
 CAM = get_detector("camera", (512, 512))

@@ -10,18 +10,16 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from gpusmd.backend import get_backend
 from gpusmd.config import Where
 from gpusmd.detectors import get_detector
-from gpusmd.errors import ConfigError, GpusmdError
+from gpusmd.errors import ConfigError
 from gpusmd.features import Ragged
 from gpusmd.features.droplet import Droplet
 from gpusmd.features.photons import Droplet2Photons, Photons
 
-try:
-    BACKEND = get_backend()      # GPUSMD_BACKEND=gpu runs these on the device ...
-except GpusmdError as e:         # ... and skips them on a machine without one
-    pytest.skip(str(e), allow_module_level=True)
+from conftest import backend_or_skip
+
+BACKEND = backend_or_skip()       # GPUSMD_BACKEND=gpu runs these on the device
 CAM = get_detector("camera", (10, 12))
 W = Where("test.yaml", "droplet")
 ADU = {"useRms": False, "threshold": 5, "thresholdLow": 3, "thresADU": 0}

@@ -4,10 +4,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpusmd.backend import get_backend
 from gpusmd.config import Where
 from gpusmd.detectors import get_detector
-from gpusmd.errors import ConfigError, GpusmdError
+from gpusmd.errors import ConfigError
 from gpusmd.features import FEATURES
 from gpusmd.features.autocorr import Autocorrelation
 from gpusmd.features.image import Image, Lineout
@@ -15,10 +14,9 @@ from gpusmd.features.projection import Projection
 from gpusmd.features.spectrum import Spectrum
 from gpusmd.geometry import assemble
 
-try:
-    BACKEND = get_backend()      # GPUSMD_BACKEND=gpu runs these on the device ...
-except GpusmdError as e:         # ... and skips them on a machine without one
-    pytest.skip(str(e), allow_module_level=True)
+from conftest import backend_or_skip
+
+BACKEND = backend_or_skip()       # GPUSMD_BACKEND=gpu runs these on the device
 CAM = get_detector("camera", (6, 5))
 QUAD = get_detector("epix10kquad")
 WHERE = Where("test.yaml", "f")

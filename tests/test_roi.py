@@ -2,16 +2,14 @@
 import numpy as np
 import pytest
 
-from gpusmd.backend import get_backend
 from gpusmd.config import Where
 from gpusmd.detectors import get_detector
-from gpusmd.errors import ConfigError, GpusmdError
+from gpusmd.errors import ConfigError
 from gpusmd.features.roi import ROI
 
-try:
-    BACKEND = get_backend()      # GPUSMD_BACKEND=gpu runs these on the device ...
-except GpusmdError as e:         # ... and skips them on a machine without one
-    pytest.skip(str(e), allow_module_level=True)
+from conftest import backend_or_skip
+
+BACKEND = backend_or_skip()       # GPUSMD_BACKEND=gpu runs these on the device
 CAM = get_detector("camera", (16, 20))
 
 

@@ -12,7 +12,7 @@ from gpusmd.backend import get_backend
 from gpusmd.calib.dark import process_dark
 from gpusmd.config import Where, load_config
 from gpusmd.detectors import get_detector
-from gpusmd.errors import ConfigError, GpusmdError
+from gpusmd.errors import ConfigError
 from gpusmd.features import FEATURES, Ragged, flatten_columns, unflatten_columns
 from gpusmd.features.droplet import Droplet, DropletOutput, Droplets
 from gpusmd.features.photons import Droplet2Photons
@@ -22,10 +22,9 @@ from gpusmd.replay import build_processors, replay
 from gpusmd.runinfo import RunInfo
 from gpusmd.simulate import simulate_run
 
-try:
-    BACKEND = get_backend()      # GPUSMD_BACKEND=gpu runs these on the device ...
-except GpusmdError as e:         # ... and skips them on a machine without one
-    pytest.skip(str(e), allow_module_level=True)
+from conftest import backend_or_skip
+
+BACKEND = backend_or_skip()       # GPUSMD_BACKEND=gpu runs these on the device
 CAM = get_detector("camera", (10, 12))
 W = Where("test.yaml", "sparse")
 
