@@ -88,6 +88,7 @@ class DetectorConfig:
     geometry: str | Path | None = None   # a .data / .poni path, or "psana-default"
     common_mode_convention: str = "psana2"  # how an explicit cmpars list is read
     common_mode_rules: str = "psana"        # or "gpusmd" (calib/common_mode.py)
+    user_mask: Path | None = None           # a .npy of the raw shape, non-zero = good
 
 
 ADDRESS_KEYS = ("ingest_in", "ingest_work", "ingest_ack", "sink_in")
@@ -297,7 +298,8 @@ def with_detector_poni(functions, poni: Path):
 
 def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
     allowed = ("type", "calib", "common_mode", "common_mode_convention", "common_mode_rules",
-               "gain_convention", "mask", "mask_options", "functions", "sums", "geometry")
+               "gain_convention", "mask", "mask_options", "functions", "sums", "geometry",
+               "userMask")
     check_keys(d, where, allowed)
     geometry = d.get("geometry")
     if geometry is not None:
@@ -308,6 +310,12 @@ def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
         calib = Path(calib) if Path(calib).is_absolute() else base_dir / calib
         if not calib.exists():
             raise (where / "calib").error(f"constants file {calib} not found")
+    user_mask = d.get("userMask")
+    if user_mask is not None:
+        check_type(user_mask, (str,), where / "userMask", "a .npy mask file path")
+        user_mask = Path(user_mask) if Path(user_mask).is_absolute() else base_dir / user_mask
+        if not user_mask.is_file():
+            raise (where / "userMask").error(f"user mask file {user_mask} not found")
     from .calib.common_mode import CONVENTIONS, RULES
     cm_convention = check_choice(d.get("common_mode_convention", "psana2"), CONVENTIONS,
                                  where / "common_mode_convention")
@@ -345,7 +353,8 @@ def parse_detector(name, d, where: Where, base_dir: Path) -> DetectorConfig:
         mask=check_choice(d.get("mask", "cmask"), MASK_CHOICES, where / "mask"),
         mask_options=mask_options, functions=funcs,
         sums=[check_sum_key(s, where / "sums" / i) for i, s in enumerate(sums)], where=where,
-        geometry=geometry, common_mode_convention=cm_convention, common_mode_rules=cm_rules)
+        geometry=geometry, common_mode_convention=cm_convention, common_mode_rules=cm_rules,
+        user_mask=user_mask)
 
 
 def parse_config(data, source: str = "<config>", base_dir: Path | None = None, text: str = "") -> Config:

@@ -13,10 +13,10 @@ from .calib.calibrate import Calibrator, build_lut
 from .calib.common_mode import (CM_GAIN_RANGES, CommonMode, default_code, raw_frames,
                                 raw_output, resolve)
 from .calib.constants import NON_FINITE, RUN_ANY, Constants
-from .calib.masks import pixel_masks
+from .calib.masks import load_user_mask, pixel_masks
 from .config import DetectorConfig
 from .detectors import DetectorModel
-from .errors import ConfigError, ConstantsError, FrameError
+from .errors import ConfigError, ConstantsError, FrameError, GpusmdError
 from .features import FEATURES, Ragged
 from .features.sums import RunSums
 from .geometry import (PSANA_DEFAULT, detector_coords, psana_default_file, read_geometry,
@@ -100,7 +100,13 @@ class DetectorProcessor:
         if flagged:
             log.warning("%s: %d pixels with NaN or infinite constants are masked (status %d)",
                         cfg.name, flagged, NON_FINITE)
-        self.masks = pixel_masks(model, self.constants, cfg.mask_options)
+        user = None
+        if cfg.user_mask is not None:
+            try:
+                user = load_user_mask(cfg.user_mask, model.shape)
+            except GpusmdError as e:
+                raise (cfg.where / "userMask").error(str(e)) from None
+        self.masks = pixel_masks(model, self.constants, cfg.mask_options, user)
         self._calibrator = None          # built at the first batch: a sink never needs it
         self._control_bits = {}
         self._common_mode = None
@@ -200,6 +206,7 @@ class DetectorProcessor:
                  "constants_file": str(self.cfg.calib or ""),
                  "constants_source": self.constants.source,
                  "geometry_file": self.geometry_file,
+                 "user_mask_file": str(self.cfg.user_mask or ""),
                  "constants_runs": np.array([c.run_min, c.run_max])}
         for feature in self.features:
             items[f"{feature.name}__kind"] = feature.kind

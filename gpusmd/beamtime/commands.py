@@ -47,13 +47,13 @@ def cmd_beamcenter(args):
     import json
     from .avimage import AvImage
     from .beamcenter import calibrant_q, fit_beam_center, plot_fit, report, write_poni
-    from .mask import load_mask
+    from ..calib.masks import load_user_mask
     _outputs_free(args.force, args.png, args.poni, args.json)
     av = AvImage.load(args.avimage)
     q = list(args.ring or [])
     if args.calibrant:
         q += calibrant_q(args.calibrant)
-    user_mask = load_mask(args.mask, av.shape) if args.mask else None
+    user_mask = load_user_mask(args.mask, av.shape) if args.mask else None
     if args.fit_tilt and not q:
         raise GpusmdError("--fit-tilt needs rings of known q (--ring Q or --calibrant)")
     bc = fit_beam_center(av, q_known=q or None, distance_mm=args.dis_to_sam,

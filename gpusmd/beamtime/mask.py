@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calib.masks import load_user_mask
 from ..errors import GpusmdError
 from ..io.output import check_new_output, written_whole
 from .avimage import AvImage, figure, save_figure
@@ -71,24 +72,12 @@ def parse_bits(text) -> int:
         raise GpusmdError(f"status bits {text!r}: expected numbers like 1,4 or 0x5") from None
 
 
-def load_mask(path, shape) -> np.ndarray:
-    """A user mask file (.npy, non-zero = good) of a detector of raw ``shape``: bool, that
-    shape."""
-    path = Path(path)
-    if not path.exists():
-        raise GpusmdError(f"{path}: mask file not found")
-    m = np.load(path)
-    if m.size != int(np.prod(shape)):
-        raise GpusmdError(f"{path}: a mask of shape {m.shape}; the detector's is {tuple(shape)}")
-    return m.reshape(shape) != 0
-
-
 def make_mask(av: AvImage, above=None, below=None, rects=(), circles=(), polygons=(),
               status_bits=None, units: str = "px", start=None, with_calib_mask=False):
     """The user mask (module docstring) and how many pixels each rule masked."""
     good = np.ones(av.shape, bool)
     if start is not None:
-        good &= load_mask(start, av.shape)
+        good &= load_user_mask(start, av.shape)
     counts = {}
 
     def drop(name, bad):
