@@ -94,10 +94,37 @@ def cmd_mask(args):
         print(f"wrote {plot_mask(av, mask, args.png, args.force)}")
 
 
+def cmd_cube_merge(args):
+    from .cube import merge_cubes, write_cube
+    given = [opt for opt, value in (("--bin", args.bin), ("--filter", args.filter),
+                                    ("--keys", args.keys), ("--raw", args.raw),
+                                    ("--config", args.config)) if value]
+    if given:
+        raise GpusmdError(f"cube merge adds cube files: {', '.join(given)} belong to making a "
+                          f"cube")
+    cubes = args.smd[1:]
+    if not cubes:
+        raise GpusmdError("cube merge: give the cube files to add (gpusmd cube merge A.h5 "
+                          "B.h5 ... -o merged.h5)")
+    _outputs_free(args.force, args.output)
+    result = merge_cubes(cubes)
+    path = write_cube(args.output, result, args.force)
+    c = result["cube"]
+    print(f"{len(cubes)} cubes, {result['attrs']['n_events']} events in "
+          f"{' x '.join(map(str, c.shape))} bins; {len(c.sums)} per-event datasets (exact "
+          f"sums)" + (f", images of {', '.join(result['images'])}" if result["images"] else "")
+          + f" -> {path}")
+
+
 def cmd_cube(args):
     from ..backend import get_backend
     from .cube import make_cube, parse_bin, write_cube
     from .select import Selection
+    if args.smd and args.smd[0] == "merge":
+        return cmd_cube_merge(args)
+    if not args.bin:
+        raise GpusmdError("cube: give the binning, --bin NAME:EDGES (e.g. "
+                          "lightStatus/laser:0,1,2)")
     _outputs_free(args.force, args.output)
     bins = [parse_bin(b) for b in args.bin]
     config = backend = None
@@ -197,9 +224,16 @@ def add_commands(sub):
     s.add_argument("--force", action="store_true", help="replace existing outputs")
     s.set_defaults(func=cmd_mask)
 
-    s = sub.add_parser("cube", help="features (and calibrated images) binned by a per-event value")
-    s.add_argument("smd", nargs="+", help="small-data file(s) from `gpusmd replay`")
-    s.add_argument("--bin", action="append", required=True, metavar="NAME:EDGES",
+    s = sub.add_parser("cube", help="features (and calibrated images) binned by a per-event "
+                                    "value; `cube merge A.h5 B.h5 -o C.h5` adds cubes",
+                       description="Bin per-event values of small-data files by --bin. "
+                                   "`gpusmd cube merge CUBE.h5 CUBE.h5 ... -o merged.h5` adds "
+                                   "cubes of the same bins and datasets (exact sums: the same "
+                                   "bits as the cube of all their events at once). A "
+                                   "small-data file named merge is ./merge.")
+    s.add_argument("smd", nargs="+", help="small-data file(s) from `gpusmd replay` (or: merge "
+                                          "and cube files)")
+    s.add_argument("--bin", action="append", metavar="NAME:EDGES",
                    help="binning: scan/var:e0,e1,... or scan/var:lo:hi:n (repeat for more "
                         "dimensions)")
     s.add_argument("--filter", action="append", metavar="EXPR",
