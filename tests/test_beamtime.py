@@ -1,8 +1,10 @@
 """The beamtime tools: avimage (equal to a replay's run sums), its assembly (equal to
 psana's det.raw.image), beamcenter (centre within a pixel, distance within 1%, flat,
-tilted, centre off the detector), a user mask through a replay, cubes that add up."""
+tilted, centre off the detector, from a calibrant's lines), a user mask (rectangles, circles,
+polygons) through a replay, cubes that add up to the bit."""
 import importlib.util
 import textwrap
+from fractions import Fraction
 
 import h5py
 import numpy as np
@@ -256,8 +258,12 @@ def test_cube_of_two_halves_adds_up_to_the_whole_and_means_are_a_groupby(beamtim
     added = add_cubes([tmp_path / "c0.h5", tmp_path / "c1.h5"])
     whole = read_cube(tmp_path / "whole.h5")["data"]
     np.testing.assert_array_equal(added["nEntries"], whole["nEntries"])
-    for key in [k for k in whole if k.startswith(("sum/", "sum_square/"))]:
-        np.testing.assert_allclose(added[key], whole[key], rtol=1e-12, atol=1e-9, err_msg=key)
+    for key in [k for k in whole if k.startswith(("sum/", "sum_square/", "mean/", "count/"))]:
+        if key.endswith("/calib"):      # the summed images: float64 sums
+            np.testing.assert_allclose(added[key], whole[key], rtol=1e-12, atol=1e-9,
+                                       err_msg=key)
+        else:                           # the per-event values: exact sums, the same bits
+            assert np.array_equal(added[key], whole[key], equal_nan=True), key
     assert "sum/epix10kquad/calib" in whole and whole["sum/epix10kquad/calib"].shape == (2, 4, 352, 384)
     # the per-bin mean of a feature: a NumPy groupby of the small-data file
     with h5py.File(d / "smd.h5") as f:
@@ -269,6 +275,8 @@ def test_cube_of_two_halves_adds_up_to_the_whole_and_means_are_a_groupby(beamtim
         assert whole["nEntries"][b] == sel.sum()
         np.testing.assert_allclose(whole["mean/epix10kquad/ROI_0_sum"][b], roi[sel].mean(),
                                    rtol=1e-12)
+        assert whole["sum/epix10kquad/ROI_0_sum"][b] == float(
+            sum(Fraction(float(v)) for v in roi[sel]))
     # the image cube: the calibrated frames of a bin, summed (a bin's mean image)
     av = average_image(d / "run.h5", load_config(d / "run.yaml"), n_events=16,
                        selection=Selection(["ipm2/sum>0.3", "lightStatus/laser==1"]),
@@ -286,3 +294,131 @@ def test_cube_refuses_bad_bins_and_columns(beamtime, tmp_path, capsys):
                  str(tmp_path / "c.h5")]) == 2
     assert "strictly increasing" in capsys.readouterr().err
     assert not (tmp_path / "c.h5").exists()
+
+
+def tricky_smd(path, n=240, seed=5):
+    """A small-data file whose values make the order of float64 additions matter: 1e16,
+    1 and -1e16 mixed, random floats of magnitudes from 1e-300 to 1e150, NaN, rows of 3."""
+    rng = np.random.default_rng(seed)
+    tricky = rng.choice([1e16, 1.0, -1e16, 3.0, -1.0, 0.1], n)
+    wild = rng.standard_normal(n) * 10.0 ** rng.integers(-300, 150, n)
+    wild[rng.random(n) < 0.05] = np.nan
+    rows = rng.standard_normal((n, 3)) * np.array([1e-8, 1.0, 1e12])
+    rows[3, 1] = np.inf
+    with h5py.File(path, "w") as f:
+        f["event_id"] = np.arange(n, dtype=np.int64)
+        f["scan/var"] = rng.uniform(0, 4, n)
+        f["vals/tricky"] = tricky
+        f["vals/wild"] = wild
+        f["vals/rows"] = rows
+        f["vals/f32"] = rng.standard_normal(n).astype(np.float32) * np.float32(1e5)
+        f["vals/count"] = rng.integers(-2**40, 2**40, n)
+    return path
+
+
+def test_cubes_added_equal_the_cube_of_the_whole_to_the_bit(tmp_path, capsys):
+    smd = tricky_smd(tmp_path / "smd.h5")
+    bins = ["--bin", "scan/var:0:4:4"]
+    assert main(["cube", str(smd), *bins, "-o", str(tmp_path / "whole.h5")]) == 0
+    parts = split_smd(smd, [37, 101, 190], tmp_path)
+    cubes = [tmp_path / f"c{k}.h5" for k in range(len(parts))]
+    for part, cube in zip(parts, cubes):
+        assert main(["cube", str(part), *bins, "-o", str(cube)]) == 0
+    merged = tmp_path / "merged.h5"
+    assert main(["cube", "merge", *map(str, cubes[::-1]), "-o", str(merged)]) == 0
+    assert "4 cubes, " in capsys.readouterr().out
+    whole = read_cube(tmp_path / "whole.h5")
+    added = add_cubes(cubes)
+    written = read_cube(merged)
+    keys = [k for k in whole["data"] if k.split("/")[0] in ("sum", "sum_square", "mean",
+                                                               "count", "exact")]
+    assert {"count/vals/wild", "count/vals/rows", "exact/sum/vals/tricky"} <= set(keys)
+    for key in ["nEntries", *keys]:
+        assert np.array_equal(written["data"][key], whole["data"][key], equal_nan=True), key
+        if not key.startswith("exact/"):
+            assert np.array_equal(added[key], whole["data"][key], equal_nan=True), key
+    assert written["exp"] == whole["exp"]
+    assert written["attrs"]["n_events"] == whole["attrs"]["n_events"]
+    # float64 additions of the parts' sums do not give the whole's: the order matters
+    floats = sum(read_cube(c)["data"]["sum/vals/tricky"] for c in cubes)
+    assert not np.array_equal(floats, whole["data"]["sum/vals/tricky"])
+    # each sum is the exact one rounded once; the mean a groupby of the file
+    with h5py.File(smd) as f:
+        var, cols = f["scan/var"][()], {k: f[f"vals/{k}"][()] for k in ("tricky", "wild", "rows")}
+    for b in range(4):
+        sel = (var >= b) & (var < b + 1)
+        assert whole["data"]["nEntries"][b] == sel.sum()
+        for k, v in cols.items():
+            v = v[sel].reshape(int(sel.sum()), -1)
+            for j in range(v.shape[1]):
+                good = v[np.isfinite(v[:, j]), j]
+                exact = sum(Fraction(float(x)) for x in good)
+                got = {g: whole["data"][f"{g}/vals/{k}"][b].reshape(-1)[j]
+                       for g in ("sum", "sum_square", "mean")}
+                assert got["sum"] == float(exact), (k, b, j)
+                assert got["sum_square"] == float(sum(Fraction(float(x)) ** 2 for x in good))
+                assert got["mean"] == float(exact / len(good))
+                np.testing.assert_allclose(got["mean"], np.mean(good), rtol=1e-12,
+                                           atol=1e-300 if k != "tricky" else 1.0)
+    # merge refuses an existing output, other bins, other datasets
+    assert main(["cube", "merge", *map(str, cubes), "-o", str(merged)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["cube", "merge", *map(str, cubes), "-o", str(merged), "--force"]) == 0
+    assert main(["cube", str(smd), "--bin", "scan/var:0:4:2", "-o", str(tmp_path / "o.h5")]) == 0
+    assert main(["cube", str(smd), *bins, "--keys", "vals/f32", "-o",
+                 str(tmp_path / "k.h5")]) == 0
+    capsys.readouterr()
+    for other, why in (("o.h5", "binned otherwise"), ("k.h5", "other datasets")):
+        assert main(["cube", "merge", str(cubes[0]), str(tmp_path / other), "-o",
+                     str(tmp_path / "bad.h5")]) == 2
+        assert why in capsys.readouterr().err
+    assert main(["cube", "merge", str(cubes[0]), "--bin", "scan/var:0,1", "-o",
+                 str(tmp_path / "bad.h5")]) == 2
+    assert "--bin" in capsys.readouterr().err and not (tmp_path / "bad.h5").exists()
+
+
+@pytest.mark.xfail(strict=True, reason="--calibrant passes every line of pyFAI's list, also "
+                   "those beyond 4 pi / lambda, and tth_of_q refuses them")
+def test_beamcenter_from_a_calibrant(tmp_path, capsys):
+    pytest.importorskip("pyFAI")
+    from gpusmd.beamtime.beamcenter import calibrant_q
+    center, dist = (700.0, -1800.0), 85.0
+    path = ring_image(tmp_path / "ring.h5", center, dist, qs=calibrant_q("LaB6")[:3])
+    out = tmp_path / "fit.json"
+    assert main(["beamcenter", str(path), "--calibrant", "LaB6", "--json", str(out)]) == 0
+    import json
+    fit = json.loads(out.read_text())
+    assert "config (azav): center: [" in capsys.readouterr().out
+    assert np.hypot(*(np.asarray(fit["azav"]["center"]) - center)) < 75.0, fit["azav"]
+    assert abs(fit["azav"]["dis_to_sam"] - dist) < 0.01 * dist
+    assert main(["beamcenter", str(path), "--calibrant", "NoSuchPowder"]) == 2
+    assert "unknown calibrant 'NoSuchPowder'" in capsys.readouterr().err
+
+
+def test_mask_polygon(tmp_path, capsys):
+    path = ring_image(tmp_path / "ring.h5", (0.0, 0.0), 80.0, qs=(1.0,), noise=0.0)
+    av = AvImage.load(path)
+    tri = np.array([[100.0, 150.0], [700.0, 300.0], [250.0, 900.0]])   # (row, col)
+    text = " ".join(f"{r:g},{c:g}" for r, c in tri)
+    assert main(["mask", str(path), "--polygon", text, "-o", str(tmp_path / "m.npy")]) == 0
+    assert "polygon" in capsys.readouterr().out
+    mask = np.load(tmp_path / "m.npy")
+    # inside the triangle: every pixel centre on the same side of its three edges
+    def inside(corners, u, v):
+        side = [(b[0] - a[0]) * (v - a[1]) - (b[1] - a[1]) * (u - a[0])
+                for a, b in zip(corners, np.roll(corners, -1, axis=0))]
+        return (np.all([s > 0 for s in side], axis=0) | np.all([s < 0 for s in side], axis=0),
+                np.any([np.abs(s) < 1e-6 for s in side], axis=0))
+    tri_px, edge = inside(tri, av.row.astype(np.float64), av.col.astype(np.float64))
+    assert tri_px.sum() > 1000 and (~tri_px).sum() > 1000
+    np.testing.assert_array_equal(mask[~edge] == 0, tri_px[~edge])
+    # in um: the corners as x, y, the pixels tested at their x, y
+    corners = np.stack(av.to_um(tri[:, 0], tri[:, 1]), axis=1)
+    text_um = " ".join(f"{float(a)!r},{float(b)!r}" for a, b in corners)
+    assert main(["mask", str(path), "--polygon", text_um, "--units", "um", "-o",
+                 str(tmp_path / "um.npy")]) == 0
+    tri_um, edge = inside(corners, av.x.astype(np.float64), av.y.astype(np.float64))
+    np.testing.assert_array_equal(np.load(tmp_path / "um.npy")[~edge] == 0, tri_um[~edge])
+    assert abs(int(tri_um.sum()) - int(tri_px.sum())) < 0.05 * tri_px.sum()
+    assert main(["mask", str(path), "--polygon", "1,2 3,4", "-o", str(tmp_path / "b.npy")]) == 2
+    assert "at least 3 points" in capsys.readouterr().err
