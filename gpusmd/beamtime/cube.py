@@ -142,7 +142,7 @@ class ExactSum:
             carry = (a[:, l] + _HALF) >> LIMB_BITS
             a[:, l] -= carry << LIMB_BITS
             a[:, l + 1] += carry
-        while np.any(np.abs(a[:, -1] + 0) >= _HALF):        # more room for the top carry
+        while np.any(np.abs(a[:, -1]) >= _HALF):            # more room for the top carry
             a = np.concatenate([a, np.zeros((len(a), 1), np.int64)], axis=1)
             carry = (a[:, -2] + _HALF) >> LIMB_BITS
             a[:, -2] -= carry << LIMB_BITS
