@@ -377,8 +377,6 @@ def test_cubes_added_equal_the_cube_of_the_whole_to_the_bit(tmp_path, capsys):
     assert "--bin" in capsys.readouterr().err and not (tmp_path / "bad.h5").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="--calibrant passes every line of pyFAI's list, also "
-                   "those beyond 4 pi / lambda, and tth_of_q refuses them")
 def test_beamcenter_from_a_calibrant(tmp_path, capsys):
     pytest.importorskip("pyFAI")
     from gpusmd.beamtime.beamcenter import calibrant_q

@@ -200,15 +200,19 @@ def tth_of_q(q, ebeam_keV):
     return 2 * np.arcsin(s)
 
 
-def calibrant_q(name: str) -> list[float]:
-    """q (1/A) of a pyFAI calibrant's lines, 2 pi / d."""
+def calibrant_q(name: str, ebeam_keV: float | None = DEFAULT_EBEAM) -> list[float]:
+    """q (1/A) of a pyFAI calibrant's lines, 2 pi / d: those a beam of ``ebeam_keV`` can
+    reach (q < 4 pi / lambda; all with None)."""
     import pyFAI.calibrant
     if name not in pyFAI.calibrant.names():
         raise GpusmdError(f"unknown calibrant {name!r} (pyFAI knows: "
                           f"{', '.join(sorted(pyFAI.calibrant.names()))})")
     cal = pyFAI.calibrant.get_calibrant(name)
     d = getattr(cal, "dspacing", None) or cal.dSpacing
-    return sorted(2 * np.pi / np.asarray(d, np.float64))
+    q = 2 * np.pi / np.asarray(d, np.float64)
+    if ebeam_keV is not None:
+        q = q[q < 4 * np.pi / wavelength_A(ebeam_keV)]
+    return sorted(q)
 
 
 def match_rings(radii_um, tth_known, distance_mm=None, tolerance=0.03):

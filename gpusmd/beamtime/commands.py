@@ -46,13 +46,14 @@ def _pair(text, what):
 def cmd_beamcenter(args):
     import json
     from .avimage import AvImage
+    from ..features.azimuthal import DEFAULT_EBEAM
     from .beamcenter import calibrant_q, fit_beam_center, plot_fit, report, write_poni
     from ..calib.masks import load_user_mask
     _outputs_free(args.force, args.png, args.poni, args.json)
     av = AvImage.load(args.avimage)
     q = list(args.ring or [])
     if args.calibrant:
-        q += calibrant_q(args.calibrant)
+        q += calibrant_q(args.calibrant, DEFAULT_EBEAM if args.ebeam is None else args.ebeam)
     user_mask = load_user_mask(args.mask, av.shape) if args.mask else None
     if args.fit_tilt and not q:
         raise GpusmdError("--fit-tilt needs rings of known q (--ring Q or --calibrant)")
