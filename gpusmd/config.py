@@ -117,6 +117,8 @@ class ServicesConfig:
     ack_timeout_s: float | None = None  # no ack for this long: unacknowledged batches are sent
     #                                   again (default 2 x (flush_s + worker_timeout_s))
     ingest_timeout_s: float = 10.0  # the sink closes a run incomplete when its ingest is silent this long
+    preview: str | None = "tcp://127.0.0.1:5560"   # the sink's live preview (PUB; null: off)
+    preview_hz: float = 2.0         # preview messages a second at most
 
     @property
     def ack_timeout(self) -> float:
@@ -130,7 +132,9 @@ def parse_services(d, where: Where, base_dir: Path) -> ServicesConfig:
     values = {}
     for key, value in d.items():
         default = getattr(defaults, key)
-        if key in ADDRESS_KEYS:
+        if key == "preview" and not value:
+            value = None                # null or empty: no preview
+        elif key in ADDRESS_KEYS or key == "preview":
             check_type(value, (str,), where / key, "an address like tcp://host:port")
             if not value.startswith(("tcp://", "ipc://", "inproc://")):
                 raise (where / key).error(f"{value!r} is not a tcp://, ipc:// or inproc:// address")

@@ -29,6 +29,7 @@ Kinds (what a service sends -> to whom):
     heartbeat  ingest -> sink         run, key, n_batches (made so far), n_events: the
                ingest of the open run is alive (every heartbeat_s)
     ack        sink -> ingest         batch, token (the ack's, see batch_token)
+    preview    sink -> monitors       a reduced-rate view of the open run (services/preview.py)
     hello      sink -> ingest         a sink has started: the ingest sends it the open
                run's begin_run (with its key) and the batches not yet acknowledged again
 
@@ -55,7 +56,7 @@ from ..runinfo import RunInfo
 
 VERSION = 1
 KINDS = ("begin_run", "event", "end", "batch", "ready", "heartbeat", "rejoin", "result",
-         "errors", "ack", "hello")
+         "errors", "ack", "hello", "preview")
 DTYPE_KINDS = "biuf"        # bool, signed, unsigned, float: no objects, no strings
 MAX_NDIM = 8
 MAX_ELEMENTS = 1 << 40      # of one array, its zero-length axes left out

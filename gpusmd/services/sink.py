@@ -45,6 +45,7 @@ from ..replay import build_processors, provenance, write_run_end, write_user_dat
 from ..runinfo import RunInfo
 from .common import QuietLog, open_socket
 from .metrics import Metrics
+from .preview import Preview
 from .protocol import (Message, ProtocolError, batch_token, check_records, check_result, decode,
                        encode, file_token, is_int, result_layout, run_info, same_secret,
                        short)
@@ -265,6 +266,7 @@ class Sink:
         self.layout: dict | None = None         # its per-event arrays (result_layout)
         self.last_heard = 0.0                   # when the open run's last message came
         self.waiting = None                     # a begin_run refused while a run was open
+        self.preview = Preview.from_config(self.cfg, self.ctx)     # None: off
 
     def output_path(self, info: RunInfo, token: str) -> tuple[Path, dict | None]:
         """The run's file, from the output template, and its checkpoint when it is this
@@ -312,6 +314,8 @@ class Sink:
             fresh = self.current.add_result(msg)      # acknowledged after the next flush
             self.metrics.inc("events" if fresh else "duplicates",
                              len(msg.header["events"]) if fresh else 1)
+            if fresh and self.preview is not None:
+                self.preview.result(self, msg)
         elif kind == "errors":
             self.current.add_errors(msg.header["errors"])
             self.metrics.inc("errors", len(msg.header["errors"]))
@@ -498,6 +502,8 @@ class Sink:
                 self.metrics.set("waiting_batches", len(self.current.results) if self.current else 0)
                 self.metrics.tick()
                 self.quiet.tick()
+                if self.preview is not None:
+                    self.preview.tick(self)
         finally:
             self.close()
 
@@ -506,5 +512,7 @@ class Sink:
             self.current.bar.close()
             self.current.writer.close()
         self.metrics.close()
+        if self.preview is not None:
+            self.preview.close()
         self.input.close()
         self.acks.close()
