@@ -12,9 +12,13 @@ moment the file is created and becomes 1 only when the run is over and written
 flush has put on disk (all of them in a complete file). :func:`is_complete` reads it.
 An existing file is never replaced unless asked (``force``).
 
-From the first batch on the file is written in SWMR mode (readable while it grows with
-h5py ``swmr=True``): the per-event and error datasets exist then and only grow; the run
-items come at the end, after ``end_swmr`` reopens the file normally.
+The file is written in SWMR mode (readable while it grows with h5py ``swmr=True``) from
+:meth:`SmallDataWriter.begin_swmr` on (called as soon as the file's first items are in:
+the sink's file opens for SWMR readers from the moment its run begins), else from the
+first batch on: the per-event and error datasets exist then and only grow (those of a
+layout told to begin_swmr are made empty there; a column that comes later makes the
+writer leave SWMR mode for a moment to add it). The run items come at the end, after
+``end_swmr`` reopens the file normally.
 
 A full disk is one error (:class:`WriteError`): before each write the free space is
 checked, so that the file is closed cleanly, with the events written so far, before the
@@ -218,6 +222,26 @@ def h5_value(value):
     return np.asarray(value)
 
 
+def column_rows(columns: dict) -> dict[str, np.ndarray]:
+    """A batch's per-event columns as the datasets' rows: a variable-length column
+    (anything with ``lengths`` and ``fields``, see features.Ragged) as <path>_len (per
+    event) and <path>/<field> (records), every other one as it is."""
+    rows = {}
+    for path, value in columns.items():
+        if hasattr(value, "fields"):
+            rows[f"{path}_len"] = np.asarray(value.lengths, np.int64)
+            for field, records in value.fields.items():
+                rows[f"{path}/{field}"] = np.asarray(records)
+        else:
+            rows[path] = np.asarray(value)
+    return rows
+
+
+def rows_layout(rows: dict) -> dict[str, tuple]:
+    """{path: (row shape, dtype)} of the rows of column_rows: what begin_swmr makes."""
+    return {path: (tuple(v.shape[1:]), v.dtype) for path, v in rows.items()}
+
+
 class SmallDataWriter:
     """One small-data file. ``force``: replace an existing file (else refused).
     ``flush_s``: flush at least this often while events are appended (None: only when
@@ -356,29 +380,25 @@ class SmallDataWriter:
         """Append one batch: every per-event dataset gets the same number of rows; a
         variable-length column (anything with ``lengths`` and ``fields``, see
         features.Ragged) goes to <path>/<field> (records) and <path>_len (per event).
-        The first batch switches the file to SWMR mode and is flushed at once."""
+        The first batch switches the file to SWMR mode (unless begin_swmr did) and is
+        flushed at once."""
         lengths = {len(v) for v in columns.values()}
         if len(lengths) != 1:
             raise ValueError(f"per-event columns of different lengths: {lengths}")
         n = lengths.pop()
-        rows = {}
-        for path, value in columns.items():
-            if hasattr(value, "fields"):
-                rows[f"{path}_len"] = np.asarray(value.lengths, np.int64)
-                for field, records in value.fields.items():
-                    rows[f"{path}/{field}"] = np.asarray(records)
-            else:
-                rows[path] = np.asarray(value)
+        rows = column_rows(columns)
         nbytes = sum(v.nbytes for v in rows.values())
         # what the next flush writes: these rows, those still in the caches, and a rewrite
         # of each dataset's partly filled chunk
         check_room(self.path, self.unflushed + nbytes + sum(
             chunk_bytes(v.shape[1:], v.dtype) for v in rows.values()), self.n_events)
-        first = not self.f.swmr_mode
+        first = self.n_events == 0
+        if self.f.swmr_mode:
+            self._add_columns(rows_layout(rows))
         with self.writing(), self.whole():
             for path, value in rows.items():
                 self._grow(path, value)
-            if first:
+            if not self.f.swmr_mode:
                 self.f.swmr_mode = True
         self.n_events += n
         self.unflushed += nbytes
@@ -386,15 +406,60 @@ class SmallDataWriter:
                      and time.monotonic() - self.last_flush > self.flush_s):
             self.flush()
 
+    def begin_swmr(self, layout: dict | None = None):
+        """Make the per-event datasets of ``layout`` ({path: (row shape, dtype)}, see
+        rows_layout) empty, then switch the file to SWMR mode and flush it: from now on
+        a reader opens it with ``swmr=True`` (no new group nor run item can be added
+        before end_swmr). The first batch's columns are then written into these
+        datasets; one of another row shape or type, or not in ``layout``, is made then
+        (see _add_columns)."""
+        with self.writing():
+            for path, (row_shape, dtype) in (layout or {}).items():
+                if path not in self.datasets:
+                    self._make(path, tuple(row_shape), np.dtype(dtype))
+            self.f.swmr_mode = True
+        self.flush()
+
+    def _add_columns(self, layout: dict):
+        """In SWMR mode, where datasets cannot be made: the datasets of ``layout`` that
+        are missing, or still empty and of another row shape or type, made after the
+        file is closed and opened again normally (a moment when a new SWMR reader is
+        refused), and SWMR mode switched on again."""
+        def fits(path, row_shape, dtype):
+            ds = self.datasets.get(path)
+            return ds is not None and (ds.shape[0] > 0 or (ds.shape[1:] == row_shape
+                                                           and ds.dtype == dtype))
+        todo = {p: v for p, v in layout.items() if not fits(p, *v)}
+        if not todo:
+            return
+        self.close()
+        with self.writing():
+            self.f = h5py.File(self.path, "r+", libver="latest", locking=False)
+            self.f.visititems(self._keep_growing)
+            for path, (row_shape, dtype) in todo.items():
+                if path in self.datasets:
+                    del self.datasets[path]
+                    del self.f[path]
+                self._make(path, row_shape, dtype)
+            self.f.swmr_mode = True
+
+    def _keep_growing(self, name, obj):
+        """visititems: a per-event (resizable) dataset into ``datasets``."""
+        if isinstance(obj, h5py.Dataset) and obj.maxshape and obj.maxshape[0] is None:
+            self.datasets[name] = obj
+
+    def _make(self, path: str, row_shape: tuple, dtype: np.dtype):
+        """An empty per-event dataset, resizable along its first axis, kept open."""
+        self.datasets[path] = self.f.create_dataset(
+            path, shape=(0, *row_shape), maxshape=(None, *row_shape), dtype=dtype,
+            chunks=(chunk_events(row_shape, dtype), *row_shape), **self.compression)
+
     def _grow(self, path: str, value: np.ndarray):
         """Append rows to a dataset made on first sight, resizable along its first axis.
         The dataset stays open: its chunks are then written when the file is flushed,
         where a failure is raised (h5py only prints one raised while it closes one)."""
         if path not in self.datasets:
-            self.datasets[path] = self.f.create_dataset(
-                path, shape=(0, *value.shape[1:]), maxshape=(None, *value.shape[1:]),
-                dtype=value.dtype, chunks=(chunk_events(value.shape[1:], value.dtype),
-                                           *value.shape[1:]), **self.compression)
+            self._make(path, tuple(value.shape[1:]), value.dtype)
         ds = self.datasets[path]
         start = ds.shape[0]
         ds.resize(start + len(value), axis=0)
