@@ -64,14 +64,20 @@ class Metrics:
     are still updated every 5 s for :meth:`render`). ``port``: serve ``GET /metrics`` on
     ``host:port`` (0 = a free port, see :attr:`port`); None = no HTTP server. ``host``
     defaults to :attr:`default_host`, which a service's ``--metrics-host`` sets.
+    ``label``: who the log line is about (default: ``service``), e.g. ``worker
+    host-1234 (cpu)``; ``extra(dt)``: more words for the log line, given the seconds
+    since the last one (e.g. the ingest's workers and their rates), or "" for none.
     Thread-safe: the HTTP thread reads while the service loop writes.
     """
 
     default_host = "127.0.0.1"      # this host only; "0.0.0.0" exposes it to the network
 
     def __init__(self, service: str, log_every: float | None = 5.0, port: int | None = None,
-                 host: str | None = None, logger: logging.Logger | None = None):
+                 host: str | None = None, logger: logging.Logger | None = None,
+                 label: str | None = None, extra=None):
         self.service = str(service)
+        self.label = self.service if label is None else str(label)
+        self.extra = extra
         self._prefix = "gpusmd_" + sanitize_name(self.service)
         self.log = logger if logger is not None else logging.getLogger(f"gpusmd.{self.service}")
         self._log_enabled = log_every is not None
@@ -127,6 +133,10 @@ class Metrics:
             self._last_t = now
             self._next_t = now + self._interval
             line = self._format_line() if self._log_enabled else None
+        if line is not None and self.extra is not None:
+            more = self.extra(dt)
+            if more:
+                line += f", {more}"
         if line is not None:
             self.log.info("%s", line)
 
@@ -141,7 +151,7 @@ class Metrics:
                   if k not in _RATES]
         if others:
             parts.append(" ".join(others))
-        return f"{self.service}: " + ", ".join(parts)
+        return f"{self.label}: " + ", ".join(parts)
 
     # -- Prometheus -------------------------------------------------------------------------
     def render(self) -> str:

@@ -43,6 +43,20 @@ def default_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def worker_label(name: str, backend: str) -> str:
+    """Who a worker's log lines are about: ``worker host-1234 (cpu)`` for a worker of the
+    default name, ``worker w0 (cpu, host-1234)`` for one named otherwise."""
+    here = default_name()
+    return f"worker {name} ({backend})" if name == here else f"worker {name} ({backend}, {here})"
+
+
+class WorkerLog(logging.LoggerAdapter):
+    """The worker's logger: every line starts with the worker's label (worker_label)."""
+
+    def process(self, msg, kwargs):
+        return f"{self.extra['label']}: {msg}", kwargs
+
+
 def good_frames(msg, det: str, good: list):
     """A detector's frames of a batch's good events: the batch's own array when it came
     through shared memory whole (no copy), else the frames one by one."""
@@ -128,7 +142,10 @@ class Worker:
         self.work = open_socket(self.ctx, zmq.DEALER, self.cfg.ingest_work, False, self.cfg,
                                 identity=self.name.encode())
         self.sink = open_socket(self.ctx, zmq.PUSH, self.cfg.sink_in, False, self.cfg)
-        self.metrics = Metrics("worker", self.cfg.log_every_s, metrics_port)
+        self.label = worker_label(self.name, backend.name)
+        self.log = WorkerLog(log, {"label": self.label})
+        self.metrics = Metrics("worker", self.cfg.log_every_s, metrics_port, logger=log,
+                               label=self.label)
         self.runs: dict[int, dict] = {}           # run -> processors
         self.infos: dict[int, RunInfo] = {}
         self._stop = threading.Event()
@@ -157,7 +174,7 @@ class Worker:
         self.runs = {info.run: build_processors(self.config, info, self.backend)}
         if self.stager is not None:
             self.stager.new_run()
-        log.info("run %d: processors for %s on backend %s", info.run,
+        self.log.info("run %d: processors for %s on backend %s", info.run,
                  ", ".join(self.runs[info.run]), self.backend.name)
 
     def prepare(self, msg) -> Staged | None:
@@ -175,7 +192,7 @@ class Worker:
             try:
                 staged.k = self.stager.stage({det: good_frames(msg, det, good) for det in procs})
             except Exception:            # processed from the host instead
-                log.exception("batch %s: staging on the device failed", msg.header["batch"])
+                self.log.exception("batch %s: staging on the device failed", msg.header["batch"])
         return staged
 
     def on_batch(self, msg, staged: Staged | None = None):
@@ -210,7 +227,7 @@ class Worker:
                     for key, part in proc.sums.take().items():
                         sums[f"sums/{det}/{key}"] = part
             except Exception as e:       # one bad batch must not stop the worker
-                log.exception("batch %d failed", batch)
+                self.log.exception("batch %d failed", batch)
                 errors += [[ids[i], "worker", f"processing failed: {type(e).__name__}: {e}"]
                            for i in good]
                 good, columns, sums = [], {}, {}
@@ -257,7 +274,7 @@ class Worker:
             if msg.kind == "batch":
                 check_batch(msg.header, self.infos)
         except ProtocolError as e:
-            log.warning("bad message from the ingest: %s", e)
+            self.log.warning("bad message from the ingest: %s", e)
             return None
         if msg.kind == "batch" and "shm" in msg.header:
             self.read_shared(msg)
@@ -273,7 +290,7 @@ class Worker:
                 raise ProtocolError("a shared-memory batch, but this worker has none")
             msg.stacked = self.shared.arrays(msg.header["shm"])
         except ProtocolError as e:
-            log.error("batch %s: %s", msg.header.get("batch"), e)
+            self.log.error("batch %s: %s", msg.header.get("batch"), e)
             msg.problem = str(e)
             return
         msg.arrays = {f"{i}/{det}": frames[i] for det, frames in msg.stacked.items()
@@ -302,11 +319,11 @@ class Worker:
                     try:
                         self.on_begin_run(msg)
                     except (GpusmdError, ProtocolError) as e:
-                        log.error("cannot process run %s: %s", msg.header.get("run"), e)
+                        self.log.error("cannot process run %s: %s", msg.header.get("run"), e)
                 elif msg.kind == "batch":
                     way = "from shared memory" if msg.stacked is not None else "over the link"
                     if way != last_way:        # said once, and again when it changes
-                        log.info("batch %s: frames %s", msg.header.get("batch"), way)
+                        self.log.info("batch %s: frames %s", msg.header.get("batch"), way)
                         last_way = way
                     time.sleep(self.delay_s)
                     # GPU: the next batch, when already here, starts across the bus now
@@ -315,10 +332,10 @@ class Worker:
                     self.on_batch(msg, staged)
                     self.send_ready(1)
                 elif msg.kind == "rejoin":       # every batch before it is done
-                    log.warning("the ingest had dropped this worker: joining again")
+                    self.log.warning("the ingest had dropped this worker: joining again")
                     self.send_ready(self.cfg.credits, join=True)
                 elif msg.kind == "end":
-                    log.info("run %s ended", msg.header.get("run"))
+                    self.log.info("run %s ended", msg.header.get("run"))
                     if self.once:
                         return
                 self.metrics.tick()
