@@ -113,6 +113,11 @@ def cmd_up(args):
                   backend_name(args.backend, load_config(args.config).backend))
 
 
+def cmd_monitor(args):
+    from .monitor import main
+    main(args)
+
+
 def cmd_keys(args):
     from .services.common import make_keys
     d = make_keys(args.directory)
@@ -256,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
     s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("monitor", help="a web page of the sink's live preview")
+    s.add_argument("--config", help="the services' config (its services.preview, keys)")
+    s.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+    s.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this "
+                                                       "host only)")
+    s.add_argument("--preview", help="the sink's preview address (overrides the config)")
+    s.set_defaults(func=cmd_monitor)
 
     s = sub.add_parser("keys", help="generate CurveZMQ keys for the links between services")
     s.add_argument("directory")
