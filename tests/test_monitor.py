@@ -1,0 +1,296 @@
+"""The sink's live preview (services/preview.py) and ``gpusmd monitor`` (gpusmd/monitor.py):
+rate-limited, never blocking the sink, checked by the monitor; the page's JSON and
+pictures after a run through the services on loopback, "no data" once they stop; the
+page in a headless browser where Chromium is installed."""
+import json
+import shutil
+import textwrap
+import time
+import urllib.request
+from io import BytesIO
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import zmq
+
+from gpusmd.calib.dark import process_dark
+from gpusmd.monitor import Monitor, MonitorState
+from gpusmd.services.local import LocalServices, free_port
+from gpusmd.services.preview import PREVIEW_HWM, Preview
+from gpusmd.services.protocol import encode
+from gpusmd.simulate import simulate_run
+
+from conftest import publish_in_thread, wait_for
+
+DET = "jungfrau05M"
+N_EVENTS = 24
+
+
+def fake_sink(run=7, experiment="xpp00123"):
+    """What the preview reads of a sink: its open run (no detectors) and metrics."""
+    info = SimpleNamespace(run=run, experiment=experiment, scalars={"ipm2/sum": "<f4"},
+                           n_events=None)
+    writer = SimpleNamespace(info=info, procs={}, n_written=0, n_errors=0, results={})
+    return SimpleNamespace(current=writer, metrics=SimpleNamespace(get=lambda k, d=0: 0))
+
+
+def result(first, n=4):
+    events = list(range(first, first + n))
+    return SimpleNamespace(header={"events": events, "scalars": {"ipm2/sum": [1.0] * n}},
+                           arrays={f"{DET}/ROI_0_sum": np.arange(n, dtype=np.float64)})
+
+
+def subscriber(ctx, address, rcvhwm=1000):
+    sub = ctx.socket(zmq.SUB)
+    sub.rcvhwm = rcvhwm
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(address)
+    return sub
+
+
+def test_preview_rate_limited():
+    """Thousands of results in about a second: at most preview_hz messages a second."""
+    ctx = zmq.Context()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    preview = Preview(ctx, address, hz=2.0)
+    sub = subscriber(ctx, address)
+    try:
+        sink = fake_sink()
+        time.sleep(0.3)                     # the subscription reaches the PUB
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 1.2:
+            preview.result(sink, result(4 * n))
+            sink.current.n_written += 4
+            n += 1
+        got = []
+        while sub.poll(300):
+            got.append(sub.recv_multipart())
+        assert n > 1000
+        assert 1 <= len(got) <= 4 and preview.sent == len(got)
+    finally:
+        preview.close()
+        sub.close()
+        ctx.term()
+
+
+def test_preview_send_never_blocks():
+    """No subscriber: sends go nowhere at once. A subscriber that never reads: the
+    send high-water mark fills, the rest are dropped and counted, no send waits."""
+    ctx = zmq.Context()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    preview = Preview(ctx, address, hz=2.0)
+    big = {"image": np.zeros((1024, 1024), np.float32)}        # 4 MB a message
+    try:
+        assert preview.socket.sndhwm == PREVIEW_HWM
+        t0 = time.monotonic()
+        for _ in range(100):
+            assert preview.send({"kind": "preview"}, big)
+        assert time.monotonic() - t0 < 5
+        sub = subscriber(ctx, address, rcvhwm=1)                # connected, never reads
+        time.sleep(0.3)
+        slowest = 0.0
+        for _ in range(200):
+            t = time.monotonic()
+            preview.send({"kind": "preview"}, big)
+            slowest = max(slowest, time.monotonic() - t)
+        assert preview.dropped > 100 and preview.sent + preview.dropped == 300
+        assert slowest < 0.5
+        sub.close()
+    finally:
+        preview.close()
+        ctx.term()
+
+
+def test_preview_address_taken_turns_it_off():
+    """An address that cannot be bound: no preview, the sink goes on."""
+    ctx = zmq.Context()
+    address = f"tcp://127.0.0.1:{free_port()}"
+    first = Preview(ctx, address, 2.0)
+    second = Preview(ctx, address, 2.0)
+    try:
+        assert first.socket is not None and second.socket is None
+        second.tick(fake_sink())            # nothing to send to: no error
+        second.result(fake_sink(), result(0))
+    finally:
+        first.close()
+        ctx.term()
+
+
+# ---- the monitor, fed messages directly --------------------------------------------------
+def preview_message(run=3, seq=0, experiment="xpp00123"):
+    """A preview message as the sink makes one: one detector, an azav, two strips."""
+    q = np.linspace(0.1, 3.0, 50)
+    img = np.add.outer(np.arange(64.0), np.arange(96.0)).astype(np.float32)
+    header = {"kind": "preview", "seq": seq, "time": time.time(), "state": "run", "run": run,
+              "experiment": experiment, "n_events": 40, "n_errors": 1, "n_announced": 100,
+              "waiting_batches": 2, "refused": 0, "duplicates": 0, "dropped": 0, "rate": 12.5,
+              "detectors": {DET: {"units": "keV", "type": DET, "pixel_um": 75.0,
+                                  "extent": [0.0, 7.2, 4.8, 0.0], "n_summed": 40,
+                                  "n_recent": 8, "azav": ["azav_0"]}},
+              "strips": ["ipm2/sum", f"{DET}/ROI_0_sum"]}
+    arrays = {f"{DET}/mean": img, f"{DET}/recent": img[::-1].copy(),
+              f"{DET}/azav_0/q": q, f"{DET}/azav_0/last": np.sin(q), f"{DET}/azav_0/mean": np.cos(q),
+              "strip/event_id": np.arange(30, dtype=np.int64),
+              "strip/ipm2/sum": np.linspace(0, 1, 30), f"strip/{DET}/ROI_0_sum": np.ones(30)}
+    return header, arrays
+
+
+def test_monitor_refuses_malformed_messages():
+    state = MonitorState(silent_s=60)
+    state.take(encode(*preview_message(run=3)))
+    assert state.state()["run"] == 3 and state.n_bad == 0
+    good_header, good_arrays = preview_message(run=4)
+    bad = [[b"not msgpack"], [], encode({"kind": "ack"}),
+           encode({**good_header, "run": "4"}, good_arrays),
+           encode({**good_header, "detectors": {DET: {"units": 3}}}, good_arrays),
+           encode({**good_header, "detectors": [1]}, good_arrays),
+           encode({**good_header, "strips": ["ipm2/sum"]}, {}),
+           encode(good_header, {**good_arrays, f"{DET}/mean": np.zeros(5, np.float32)}),
+           encode(good_header, {**good_arrays, f"{DET}/azav_0/last": np.zeros(3)}),
+           encode({**good_header, "rate": float("nan")}, good_arrays)]
+    for frames in bad:
+        state.take(frames)
+    assert state.n_bad == len(bad)
+    assert state.state()["run"] == 3            # what was shown stays
+    state.take(encode(good_header, good_arrays))
+    assert state.state()["run"] == 4            # a new run replaces the old one
+
+
+def test_monitor_shows_no_data_when_silent():
+    state = MonitorState(silent_s=0.3)
+    assert state.state()["status"] == "no data"
+    state.take(encode(*preview_message()))
+    s = state.state()
+    assert s["status"] == "live" and s["run"] == 3 and len(s["plots"]) == 4
+    time.sleep(0.4)
+    s = state.state()
+    assert s["status"] == "no data" and "silent" in s["reason"] and s["plots"] == []
+    idle = {**preview_message()[0], "state": "idle", "run": -1, "detectors": {}, "strips": []}
+    state.take(encode(idle))
+    assert state.state()["status"] == "no data"
+
+
+# ---- through the services ---------------------------------------------------------------
+CONFIG = f"""\
+    batch_size: 4
+    experiment: xpp00123
+    detectors:
+      {DET}:
+        calib: constants.h5
+        functions:
+          - {{kind: roi, bounds: [[0, 1], [10, 300], [20, 600]]}}
+          - {{kind: azav, center: [0.0, 0.0], dis_to_sam: 100.0, eBeam: 9.5, qbin: 0.02, phiBins: 2}}
+        sums: [calib]
+    services:
+      heartbeat_s: 0.2
+      worker_timeout_s: 1.0
+      flush_s: 0.2
+      log_every_s: 1.0
+      preview: tcp://127.0.0.1:%(port)d
+      preview_hz: 4
+    """
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("monitor")
+    simulate_run(d / "dark.h5", DET, n_events=5, dark=True, run=1)
+    simulate_run(d / "run.h5", DET, n_events=N_EVENTS, run=2)
+    process_dark(d / "dark.h5", d / "constants.h5")
+    port = free_port()
+    (d / "run.yaml").write_text(textwrap.dedent(CONFIG) % {"port": port})
+    return d, f"tcp://127.0.0.1:{port}"
+
+
+def get(url):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, r.headers["Content-Type"], r.read()
+
+
+def png_array(data):
+    import matplotlib.image
+    return matplotlib.image.imread(BytesIO(data), format="png")
+
+
+def test_monitor_during_a_run_then_no_data(setup):
+    """A run replayed through the services: the page's state has the run, the
+    experiment and the health; its pictures are drawn; once the services stop, "no data"."""
+    d, address = setup
+    seen = {}
+    with Monitor(address, port=0, silent_s=1.5) as monitor:
+        chain = LocalServices(d / "run.yaml", d / "out.h5", 2, "cpu", log_dir=d / "logs").start()
+        try:
+            publish_in_thread(chain, d / "run.h5", rate=8.0)
+
+            def live():
+                s = json.loads(get(f"{monitor.url}/state.json")[2])
+                if s["status"] == "live" and s["plots"] and s["health"]["n_events"] >= 8:
+                    seen["state"] = s
+                    seen["pngs"] = {url: get(monitor.url + url) for url in s["plots"]}
+                    return True
+                return False
+            wait_for(live, "the monitor never showed the run", timeout=40)
+            assert chain.wait_sink(60) == 0
+        finally:
+            chain.stop()
+        s = seen["state"]
+        assert s["run"] == 2 and s["experiment"] == "xpp00123"
+        assert set(s["health"]) >= {"n_events", "n_errors", "waiting_batches", "events_per_s"}
+        assert f"/plot/{DET}/mean.png" in s["plots"] and f"/plot/{DET}/azav.png" in s["plots"]
+        assert "/plot/strips.png" in s["plots"]
+        for url, (status, kind, data) in seen["pngs"].items():
+            assert status == 200 and kind == "image/png"
+            img = png_array(data)
+            assert img.shape[0] >= 300 and img[..., :3].std() > 0.05, url
+        status, kind, page = get(monitor.url + "/")
+        assert status == 200 and b"/state.json" in page
+        wait_for(lambda: json.loads(get(f"{monitor.url}/state.json")[2])["status"] == "no data",
+                 "the monitor still shows data after the services stopped", timeout=10)
+        assert png_array(get(f"{monitor.url}/plot/{DET}/mean.png")[2]).shape[0] < 300
+        with pytest.raises(urllib.error.HTTPError):
+            get(f"{monitor.url}/nothing")
+        assert monitor.state.n_bad == 0
+
+
+# ---- in a browser --------------------------------------------------------------------------
+def chrome_or_skip():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium "
+                    "chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1400,1000"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_page_in_a_headless_browser(tmp_path):
+    """The page shows the run number and its pictures; a screenshot that is not blank."""
+    browser = chrome_or_skip()
+    from selenium.webdriver.common.by import By
+    with Monitor(f"tcp://127.0.0.1:{free_port()}", port=0, silent_s=60) as monitor:
+        monitor.state.take(encode(*preview_message(run=42)))
+        try:
+            browser.get(monitor.url)
+            wait_for(lambda: browser.find_element(By.ID, "run").text == "42",
+                     "the page does not show run 42", timeout=15)
+            wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#plots img")) == 4
+                     and all(browser.execute_script("return arguments[0].naturalWidth", i) > 0
+                             for i in browser.find_elements(By.CSS_SELECTOR, "#plots img")),
+                     "the page's pictures did not load", timeout=15)
+            assert browser.find_element(By.ID, "experiment").text == "xpp00123"
+            assert browser.find_element(By.ID, "status").text == "live"
+            shot = tmp_path / "monitor.png"
+            browser.save_screenshot(str(shot))
+        finally:
+            browser.quit()
+    img = png_array(shot.read_bytes())
+    assert img.shape[0] > 500 and img[..., :3].std() > 0.05
