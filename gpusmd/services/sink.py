@@ -40,11 +40,13 @@ from ..backend import get_backend
 from ..config import Config
 from ..errors import GpusmdError
 from ..features import unflatten_columns
-from ..io.output import RUN_FILE, SmallDataWriter, WriteError, open_written, run_output
-from ..replay import build_processors, provenance, write_run_end, write_user_data_cfg
+from ..io.output import (RUN_FILE, SmallDataWriter, WriteError, column_rows, open_written,
+                         rows_layout, run_output)
+from ..replay import (build_processors, provenance, reduce_frames, write_run_end,
+                      write_user_data_cfg)
 from ..runinfo import RunInfo
 from .common import QuietLog, open_socket
-from .metrics import Metrics
+from .metrics import Metrics, RunProgress
 from .preview import Preview
 from .protocol import (Message, ProtocolError, batch_token, check_records, check_result, decode,
                        encode, file_token, is_int, result_layout, run_info, same_secret,
@@ -65,11 +67,12 @@ class RunWriter:
     checkpoint is removed when the file is closed."""
 
     def __init__(self, config: Config, info: RunInfo, path: Path, progress: bool, token: str,
-                 state: dict | None = None):
+                 state: dict | None = None, metrics: Metrics | None = None):
         self.info = info
         self.path = path
         # the sink's own processors (CPU) give UserDataCfg and merge the workers' sums
         self.procs = build_processors(config, info, get_backend("cpu"))
+        layout = expected_layout(config, info, self.procs)
         self.results: dict[int, object] = {}
         self.next_batch = 0
         self.end: dict | None = None
@@ -84,20 +87,24 @@ class RunWriter:
             try:
                 write_user_data_cfg(self.writer, self.procs)
                 self.make_checkpoint(token)
+                self.writer.begin_swmr(layout)      # SWMR readers from now on
             except BaseException:
                 self.writer.close()
                 raise
         else:
             self.writer = SmallDataWriter.reopen(path, state["n_rows"], state["n_errors"],
                                                  config.compression, flush_s=None)
+            self.writer.begin_swmr(layout)
             self.next_batch = state["next_batch"]
             self.n_written, self.n_errors = state["n_rows"], state["n_errors"]
             for det, proc in self.procs.items():
                 for key, acc in proc.sums.acc.items():
                     acc[...] = state["sums"][det][key]
                 proc.sums.n_events = state["sums"][det]["n_events"]
-        self.bar = tqdm(total=info.n_events, unit="ev", disable=not progress, desc=path.name,
-                        initial=self.n_written)
+        # the progress bar, and the same numbers as the sink's gauges (RunProgress)
+        self.bar = RunProgress(tqdm(total=info.n_events, unit="ev", disable=not progress,
+                                    desc=path.name, initial=self.n_written),
+                               metrics, info.run, info.n_events, self.n_written)
 
     def make_checkpoint(self, token: str):
         """The checkpoint's datasets, made before the file goes SWMR (then only written)."""
@@ -215,6 +222,26 @@ class RunWriter:
             self.writer.close()
         log.info("run %d written to %s: %d events, %d errors%s", self.info.run, self.path,
                  self.n_written, self.n_errors, "" if reason is None else " (incomplete)")
+
+
+def expected_layout(config: Config, info: RunInfo, procs) -> dict:
+    """The per-event datasets of a run's file, {path: (row shape, dtype)}, before any
+    result: event_id, timestamp and the scalars, and the columns the run's processors
+    (and user functions) make of one blank frame per detector; those that cannot be
+    told (a processor that fails on a blank frame) are left to the first batch."""
+    columns = {"event_id": np.zeros(1, np.int64), "timestamp": np.zeros(1, np.int64)}
+    columns.update({name: np.zeros(1, dtype) for name, dtype in info.scalars.items()})
+    try:
+        frames = {det: np.zeros((1, *info.detectors[det].shape), info.detectors[det].dtype)
+                  for det in procs}
+        steps = {det: np.zeros(1, np.int64) for det in procs}
+        columns.update(reduce_frames(procs, frames, steps, config.user_functions))
+    except Exception as e:
+        log.debug("run %d: the columns are made with its first batch (%s)", info.run, e)
+    finally:
+        for proc in procs.values():
+            proc.sums.reset()
+    return rows_layout(column_rows(columns))
 
 
 def read_checkpoint(path: Path, info: RunInfo, token: str) -> dict | None:
@@ -413,7 +440,8 @@ class Sink:
             token = file_token(msg.header["key"], info.run)
             path, state = self.output_path(info, token)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.current = RunWriter(self.config, info, path, self.progress, token, state)
+            self.current = RunWriter(self.config, info, path, self.progress, token, state,
+                                     self.metrics)
             if state is not None:
                 log.warning("run %d: taking up %s after batch %d (%d events)", info.run, path,
                             state["next_batch"], state["n_rows"])
