@@ -232,3 +232,46 @@ class Metrics:
 
     def __repr__(self) -> str:
         return f"Metrics({self.service!r}, port={self.port})"
+
+
+class RunProgress:
+    """A run's progress as the sink's gauges, beside its own progress bar (``bar``, a
+    tqdm, disabled or not): ``run`` (the run's number), ``run_done`` (events written,
+    with those of error records), ``run_total`` (the events the source announced; -1
+    where it did not say) and ``run_open`` (1 until the file is closed). What ``gpusmd
+    up`` draws its bar from (services.run.RunBar, over the sink's /metrics)."""
+
+    def __init__(self, bar, metrics: Metrics | None, run: int, total: int | None,
+                 done: int = 0):
+        self.bar = bar
+        self.metrics = metrics
+        self.done = int(done)
+        if metrics is not None:
+            metrics.set("run", run)
+            metrics.set("run_total", -1 if total is None else int(total))
+            metrics.set("run_done", self.done)
+            metrics.set("run_open", 1)
+
+    def update(self, n: int):
+        self.bar.update(n)
+        self.done += int(n)
+        if self.metrics is not None:
+            self.metrics.set("run_done", self.done)
+
+    def close(self):
+        self.bar.close()
+        if self.metrics is not None:
+            self.metrics.set("run_open", 0)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The samples of a Prometheus text page (as Metrics.render writes it): {name: value}."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                values[name] = float(value)
+            except ValueError:
+                pass
+    return values
