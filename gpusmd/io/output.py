@@ -260,16 +260,43 @@ class SmallDataWriter:
         self.datasets: dict[str, h5py.Dataset] = {}     # kept open: see _grow
         self.failed: WriteError | None = None
         check_room(self.path, 0)
-        try:
-            self.f = h5py.File(self.path, "w" if force else "w-", libver="latest")
-        except OSError as e:
-            raise WriteError(self.path, f"cannot create it ({failure_reason(e)})") from None
+        self.f = self._create(force)
         with self.writing():
             self.f.attrs.update({"complete": 0, "n_events": 0, "n_errors": 0})
             for name, dtype in ERROR_COLUMNS.items():
                 self.datasets[name] = self.f.create_dataset(
                     name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
             self.f.flush()
+
+    def _create(self, force: bool) -> h5py.File:
+        """The new file, made under a hidden name and given its own once HDF5 holds it
+        (locked): a reader that looks for the file meanwhile (a poll of is_complete)
+        never opens it before its writer does, which would keep the writer out."""
+        part = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+        try:
+            f = h5py.File(part, "w", libver="latest")
+        except OSError as e:
+            raise WriteError(self.path, f"cannot create it ({failure_reason(e)})") from None
+        try:
+            if force:
+                os.replace(part, self.path)
+            else:
+                try:
+                    os.link(part, self.path)        # never replaces a file
+                except FileExistsError:
+                    raise
+                except OSError:                     # no hard links here
+                    if self.path.exists():
+                        raise FileExistsError(self.path) from None
+                    os.rename(part, self.path)
+        except OSError as e:
+            f.close()
+            reason = "exists" if isinstance(e, FileExistsError) else \
+                f"cannot create it ({failure_reason(e)})"
+            raise WriteError(self.path, reason) from None
+        finally:
+            part.unlink(missing_ok=True)
+        return f
 
     @classmethod
     def reopen(cls, path, n_events: int, n_errors: int, compression: str = "gzip",
