@@ -31,7 +31,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from urllib.parse import urlparse
 
-import numpy as np
 import zmq
 
 from .services.protocol import ProtocolError, decode, is_int, short

@@ -220,7 +220,7 @@ def test_monitor_during_a_run_then_no_data(setup):
     experiment and the health; its pictures are drawn; once the services stop, "no data"."""
     d, address = setup
     seen = {}
-    with Monitor(address, port=0, silent_s=1.5) as monitor:
+    with Monitor(address, port=0, silent_s=3.0) as monitor:
         chain = LocalServices(d / "run.yaml", d / "out.h5", 2, "cpu", log_dir=d / "logs").start()
         try:
             publish_in_thread(chain, d / "run.h5", rate=8.0)
@@ -230,7 +230,8 @@ def test_monitor_during_a_run_then_no_data(setup):
                 if s["status"] == "live" and s["plots"] and s["health"]["n_events"] >= 8:
                     seen["state"] = s
                     seen["pngs"] = {url: get(monitor.url + url) for url in s["plots"]}
-                    return True
+                    # drawn while the stream was live (not the "no data" picture of a pause)
+                    return all(png_array(p[2]).shape[0] >= 300 for p in seen["pngs"].values())
                 return False
             wait_for(live, "the monitor never showed the run", timeout=40)
             assert chain.wait_sink(60) == 0

@@ -32,7 +32,7 @@ from collections import deque
 import numpy as np
 import zmq
 
-from ..geometry import assemble, detector_coords, image_index
+from ..geometry import detector_coords, image_index
 from .common import curve_keys
 from .protocol import encode
 from .security import secure_server
@@ -51,23 +51,6 @@ def _pixel_pitch(x, y) -> float:
     return float(np.round(np.median(step), 3)) if step.size else 1.0
 
 
-def bin_down(img: np.ndarray, limit: int = MAX_IMAGE) -> tuple[np.ndarray, int]:
-    """An image binned by an integer factor to at most ``limit`` pixels a side (the mean
-    of the finite pixels of each block); (binned, factor)."""
-    k = max(1, math.ceil(max(img.shape) / limit))
-    if k == 1:
-        return img.astype(np.float32), 1
-    rows, cols = (math.ceil(s / k) * k for s in img.shape)
-    padded = np.full((rows, cols), np.nan, np.float32)
-    padded[:img.shape[0], :img.shape[1]] = img
-    blocks = padded.reshape(rows // k, k, cols // k, k)
-    good = np.isfinite(blocks)
-    n = good.sum(axis=(1, 3))
-    total = np.where(good, blocks, 0).sum(axis=(1, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, total / n, np.nan).astype(np.float32), k
-
-
 class DetectorView:
     """One detector of the open run: its placement and azav axes (made once per run)."""
 
@@ -79,6 +62,12 @@ class DetectorView:
         self.x, self.y = x, y
         rows, cols = image_index(np.asarray(x), np.asarray(y), self.pixel_um)
         self.image_shape = (int(rows.max()) + 1, int(cols.max()) + 1)
+        # each pixel's bin of the preview image (placed as by assemble, binned by k)
+        k = max(1, math.ceil(max(self.image_shape) / MAX_IMAGE))
+        self.binned_shape = (math.ceil(self.image_shape[0] / k), math.ceil(self.image_shape[1] / k))
+        self.bins = ((rows.ravel() // k) * self.binned_shape[1] + cols.ravel() // k).astype(np.intp)
+        self.n_bins = self.binned_shape[0] * self.binned_shape[1]
+        self.counts = np.bincount(self.bins, minlength=self.n_bins)
         pm = self.pixel_um / 1e3
         xmin, ymin = float(np.min(x)) / 1e3, float(np.min(y)) / 1e3
         self.extent = [ymin - pm / 2, ymin + (self.image_shape[1] - 0.5) * pm,
@@ -117,9 +106,18 @@ class DetectorView:
         self.azav_n[name] += good.sum(axis=0)
 
     def image(self, values) -> np.ndarray:
-        img = assemble(np.asarray(values).reshape(np.shape(self.x)), self.x, self.y,
-                       self.pixel_um)
-        return bin_down(img)[0]
+        """A raw-shaped image placed by the pixel coordinates (gpusmd.geometry.assemble,
+        its index made once per run), binned down."""
+        v = np.asarray(values, np.float64).ravel()
+        bins, counts = self.bins, self.counts
+        finite = np.isfinite(v)
+        if not finite.all():
+            bins, v = bins[finite], v[finite]
+            counts = np.bincount(bins, minlength=self.n_bins)
+        total = np.bincount(bins, weights=v, minlength=self.n_bins)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            img = np.where(counts > 0, total / counts, np.nan)
+        return img.astype(np.float32).reshape(self.binned_shape)
 
     def snapshot(self, header: dict, arrays: dict):
         """This detector's part of a message (the images from the run sums)."""
