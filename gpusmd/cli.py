@@ -110,7 +110,8 @@ def cmd_up(args):
     from .config import load_config
     from .services.run import serve_locally
     serve_locally(args.config, args.output, args.workers,
-                  backend_name(args.backend, load_config(args.config).backend))
+                  backend_name(args.backend, load_config(args.config).backend),
+                  monitor_port=args.monitor)
 
 
 def cmd_monitor(args):
@@ -260,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="{experiment}_Run{run:04d}.h5")
     s.add_argument("--workers", type=int, default=2)
     s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
+    s.add_argument("--monitor", type=int, nargs="?", const=8080, default=None, metavar="PORT",
+                   help="also serve the live monitor page (default port 8080)")
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("monitor", help="a web page of the sink's live preview")

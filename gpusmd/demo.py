@@ -86,6 +86,9 @@ def run_demo(outdir, detector="epix10kquad", n_events=100, backend=None, n_dark=
           f"(start-up included), {len(reference.datasets)} datasets")
     for key, value in report.items():
         print(f"      {key}: {value}")
+    print(f"      to watch a run live: gpusmd up --config {outdir / 'run.yaml'} --monitor, open "
+          f"http://127.0.0.1:8080, and in another shell "
+          f"gpusmd publish {raw} --config {outdir / 'run.yaml'}")
     return summary, report
 
 

@@ -121,25 +121,37 @@ class _NoBar:
 
 def test_up_shows_a_progress_bar_and_the_workers_lines(setup):
     ports = {k: f"tcp://127.0.0.1:{free_port()}"
-             for k in ("ingest_in", "ingest_work", "ingest_ack", "sink_in")}
+             for k in ("ingest_in", "ingest_work", "ingest_ack", "sink_in", "preview")}
     text = textwrap.dedent(CONFIG) + "".join(f"  {k}: {v}\n" for k, v in ports.items())
     (setup / "up.yaml").write_text(text)
     out = setup / "up.h5"
     up = subprocess.Popen([sys.executable, "-c", RUN_CLI, "up", "--config", str(setup / "up.yaml"),
-                           "-o", str(out), "--workers", "2", "--backend", "cpu"],
+                           "-o", str(out), "--workers", "2", "--backend", "cpu", "--monitor", "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=PACKAGE_ROOT)
     try:
+        head = [up.stdout.readline().decode() for _ in range(2)]
+        assert head[0].startswith("gpusmd up: ingest at"), head
+        url = head[1].removeprefix("gpusmd up: the live monitor at ").strip()
+        assert url.startswith("http://127.0.0.1:"), head
         from gpusmd.services.publish import publish
         publish(setup / "run.h5", load_config(setup / "up.yaml"))
         wait_for(lambda: is_complete(out), "the run's file was not completed")
         time.sleep(1.0)                 # a poll of the bar and of the logs after the end
+        # the page beside the services hears the sink's preview (idle after the run)
+        import json
+        import urllib.request
+
+        def state():
+            with urllib.request.urlopen(f"{url}/state.json", timeout=5) as r:
+                return json.loads(r.read())
+        wait_for(lambda: state()["reason"] == "the sink is up, no run is open",
+                 "the monitor of gpusmd up --monitor heard no preview")
     finally:
         up.send_signal(signal.SIGINT)
         stdout, stderr = up.communicate(timeout=20)
     err = stderr.decode()
     if os.environ.get("SHOW_UP"):
         print(err)
-    assert "gpusmd up: ingest at" in stdout.decode()
     # stderr is a pipe here: the bar is plain lines between the services' lines
     assert f"run 2: {N_EVENTS}/{N_EVENTS} events written (file closed)\n" in err, err[-3000:]
     assert "gpusmd.worker INFO worker worker0 (cpu, " in err, err[-3000:]

@@ -192,11 +192,22 @@ class RunBar:
 
 
 def serve_locally(config_path, output, n_workers: int, backend: str, progress: bool = True,
-                  poll_s: float = 0.3):
+                  poll_s: float = 0.3, monitor_port: int | None = None):
     """Run the chain until interrupted; sources send to the configured ingest address.
     ``progress``: the services' logs are passed on by this process, above a progress
-    bar of the open run (RunBar); else the services write to the terminal themselves."""
+    bar of the open run (RunBar); else the services write to the terminal themselves.
+    ``monitor_port``: the monitor page of the sink's preview on that port, beside them."""
     config = load_config(config_path)
+    monitor = None
+    if monitor_port is not None:
+        from ..monitor import Monitor
+        if not config.services.preview:
+            raise GpusmdError(f"{config_path}: services.preview is off: nothing to monitor")
+        try:
+            monitor = Monitor(config.services.preview, monitor_port, cfg=config.services)
+        except OSError as e:        # before any service starts: nothing to stop
+            raise GpusmdError(f"cannot serve the monitor on port {monitor_port} "
+                              f"({e.strerror})") from None
     addresses = {k: getattr(config.services, k) for k in ("ingest_in", "ingest_work",
                                                           "ingest_ack", "sink_in")}
     logs = tempfile.TemporaryDirectory(prefix="gpusmd-up-") if progress else None
@@ -207,6 +218,9 @@ def serve_locally(config_path, output, n_workers: int, backend: str, progress: b
                           log_dir=logs.name if logs else None).start()
     print(f"gpusmd up: ingest at {addresses['ingest_in']}, {n_workers} workers, sink -> {output}"
           f" (Ctrl-C to stop)", flush=True)
+    if monitor is not None:
+        monitor.start()
+        print(f"gpusmd up: the live monitor at {monitor.url}", flush=True)
     relay = LogRelay(logs.name) if logs else None
     bar = RunBar(f"http://127.0.0.1:{port}/metrics") if progress else None
     try:
@@ -225,6 +239,8 @@ def serve_locally(config_path, output, n_workers: int, backend: str, progress: b
             if relay is not None:
                 relay.poll(final=True)
         finally:
+            if monitor is not None:
+                monitor.stop()
             if bar is not None:
                 bar.close()
             if logs is not None:
