@@ -1,9 +1,11 @@
 """The sink's live preview (services/preview.py) and ``gpusmd monitor`` (gpusmd/monitor.py):
 rate-limited, never blocking the sink, checked by the monitor; the page's JSON and
-pictures after a run through the services on loopback, "no data" once they stop; the
-page in a headless browser where Chromium is installed."""
+pictures after a run through the services on loopback, "no data" once they stop, or
+while a killed sink is down and live again once a new one takes up the run; the page in
+a headless browser where Chromium is installed."""
 import json
 import shutil
+import signal
 import textwrap
 import time
 import urllib.request
@@ -254,6 +256,57 @@ def test_monitor_during_a_run_then_no_data(setup):
         with pytest.raises(urllib.error.HTTPError):
             get(f"{monitor.url}/nothing")
         assert monitor.state.n_bad == 0
+
+
+def test_monitor_through_a_sink_killed_and_started_again(setup):
+    """The page live during a run; the sink killed (SIGKILL): "no data" within a few
+    seconds; a sink started again takes up the run: the page is live again, the new
+    sink's messages (the monitor's subscriber reconnects by itself) and pictures drawn."""
+    d, address = setup
+    out = d / "gap.h5"
+
+    def state():
+        return json.loads(get(f"{monitor.url}/state.json")[2])
+
+    with Monitor(address, port=0, silent_s=1.0) as monitor:
+        chain = LocalServices(d / "run.yaml", out, 2, "cpu", sink_args=["--delay-ms", "50"],
+                              log_dir=d / "logs_gap").start()
+        try:
+            publish_in_thread(chain, d / "run.h5", rate=6.0)
+            wait_for(lambda: (s := state())["status"] == "live" and s["run"] == 2
+                     and s["health"]["n_events"] >= 4, "the monitor never showed the run",
+                     timeout=40)
+            before = monitor.state.n_messages
+            chain.sink.send_signal(signal.SIGKILL)
+            chain.sink.wait(5)
+            killed = time.monotonic()
+            wait_for(lambda: state()["status"] == "no data", "the page still shows data "
+                     "after the sink was killed", timeout=5)
+            gap = state()
+            assert gap["run"] is None and gap["plots"] == [] and "silent" in gap["reason"]
+            assert time.monotonic() - killed < 5
+            chain.sink = chain._start("sink_again", "sink", "-o", str(out), "--no-progress",
+                                      *chain.sink_args)
+            seen = {}
+
+            def live_again():
+                s = state()
+                if s["status"] == "live" and s["run"] == 2 and s["plots"]:
+                    seen["state"] = s
+                    seen["mean"] = get(f"{monitor.url}/plot/{DET}/mean.png")
+                    return png_array(seen["mean"][2]).shape[0] >= 300
+                return False
+            wait_for(live_again, "the page did not show the new sink's data", timeout=30)
+            assert monitor.state.n_messages > before
+            assert chain.wait_sink(60) == 0
+        finally:
+            chain.stop()
+        s = seen["state"]
+        assert s["experiment"] == "xpp00123" and s["health"]["n_events"] >= 1
+        status, kind, data = seen["mean"]
+        assert status == 200 and kind == "image/png" and png_array(data)[..., :3].std() > 0.05
+        assert monitor.state.n_bad == 0
+    assert "taking up" in (d / "logs_gap" / "sink_again.log").read_text()
 
 
 # ---- in a browser --------------------------------------------------------------------------
