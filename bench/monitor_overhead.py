@@ -10,8 +10,9 @@ no monitor      ``services.preview: null``: the sink makes no preview at all
 reader          the preview on, read by a subscriber in this process (gpusmd.monitor's
                 Monitor: every message taken and checked; its page is not fetched)
 viewer          the preview on, ``gpusmd monitor`` in its own process subscribed to it,
-                and its page polled as a browser does (/state.json every second, the
-                pictures each time the preview's seq changes)
+                and its page polled as the page's script does (the page and plotly.js
+                once, /state.json every second, /data.json each time the preview's seq
+                changes; the browser's drawing is on the viewer's own machine)
 never reads     the preview on, a SUB connected to it that never reads (its queue and the
                 PUB's fill; the sink drops what the link cannot take)
 
@@ -65,7 +66,7 @@ class Viewer:
             [sys.executable, "-c", RUN_CLI, "monitor", "--preview", preview,
              "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.stopping = threading.Event()
-        self.n_states = self.n_pictures = self.n_live = 0
+        self.n_states = self.n_data = self.n_live = 0
         self.thread = None
 
     def state(self) -> dict:
@@ -85,6 +86,8 @@ class Viewer:
 
     def poll(self):
         shown = None
+        get(f"{self.url}/")
+        get(f"{self.url}/plotly.min.js")
         while not self.stopping.wait(1.0):
             try:
                 s = self.state()
@@ -92,11 +95,10 @@ class Viewer:
                 key = s.get("seq") if s["status"] == "live" else None
                 if key is not None:
                     self.n_live += 1
-                if key != shown:
+                if key is not None and key != shown:
                     shown = key
-                    for url in s["plots"]:
-                        get(f"{self.url}{url}?seq={s['seq']}")
-                        self.n_pictures += 1
+                    get(f"{self.url}/data.json?seq={key}")
+                    self.n_data += 1
             except OSError:
                 pass
 
@@ -152,7 +154,7 @@ def time_run(config_path: Path, raw: Path, out: Path, n_workers: int, setup: str
             sender.join()
             if viewer is not None:
                 extra = {"monitor_cpu_s": viewer.stop(), "states": viewer.n_states,
-                         "live_states": viewer.n_live, "pictures": viewer.n_pictures}
+                         "live_states": viewer.n_live, "data": viewer.n_data}
                 viewer = None
             if reader is not None:
                 extra = {"messages": reader.state.n_messages, "refused": reader.state.n_bad}
@@ -233,12 +235,13 @@ def main():
              "file. Set-ups interleaved, one of each per round in a rotated order; each ratio is "
              "the set-up's rate over the no-monitor rate of the same round, the median over "
              f"{args.rounds} rounds. 'reader': a Monitor in the bench's process reading and "
-             "checking every preview message (no page fetched); 'viewer': `gpusmd monitor` in its own process, its page "
-             "polled as a browser does (state each second, the pictures when the preview "
-             "changes); 'never reads': a SUB connected to the preview that never reads. "
-             "The monitor's process shares this machine's CPUs with the workers (its CPU "
-             "seconds in the last column: mostly drawing the pictures). Within 5% of no "
-             "monitor (median ratio >= 0.95): "
+             "checking every preview message (no page fetched); 'viewer': `gpusmd monitor` "
+             "in its own process, its page polled as the page's script does (the page and "
+             "plotly.js once, the state each second, the data when the preview changes; "
+             "the pictures are drawn by the browser, on the viewer's machine); 'never "
+             "reads': a SUB connected to the preview that never reads. The monitor's "
+             "process shares this machine's CPUs with the workers (its CPU seconds in the "
+             "last column). Within 5% of no monitor (median ratio >= 0.95): "
              + ", ".join(f"{s} {'yes' if ok else 'no'}" for s, ok in within.items()) + ".")
     md = write_results("monitor-overhead-cpu", "Monitor overhead on the services' throughput "
                        "(CPU backend)", columns, rows, notes=notes,

@@ -1,46 +1,53 @@
 """``gpusmd monitor``: a web page of the sink's live preview (gpusmd/services/preview.py).
 
-The simplest thing that serves: the standard library's HTTP server in a thread, one
-thread subscribed to the preview (ZeroMQ SUB, which reconnects by itself when the
-services restart), and the pictures drawn on the server by matplotlib as PNG, in the
-style of ``gpusmd plot`` (gpusmd/beamtime/plot.py: axes labelled with units, a colour
-bar with units). Nothing to install beyond what the package needs already, nothing to
-build for the browser, and the page is plain HTML with a few lines of script that poll
-the JSON state (Bokeh would add a dependency and a JavaScript runtime for the same).
+A small HTTP server (the standard library's, in a thread), one thread subscribed to the
+preview (ZeroMQ SUB, which reconnects by itself when the services restart), and the
+pictures drawn in the browser by plotly.js, which the ``plotly`` package ships and this
+server hands out (nothing is fetched from the internet). The server only relays the
+latest preview as JSON: drawing the four pictures of a message with matplotlib on the
+server took about 0.8 s of CPU (jungfrau05M), more than a core at two messages a second,
+taken from the services on the same host; in the browser it costs the services nothing,
+and the pictures can be zoomed and read value by value. Bokeh's server would do the
+same with a second server process and its own session protocol.
 
-    /                      the page
-    /state.json            the run, experiment, health and the plots to show, or
-                           "status": "no data" (nothing for ``silent_s`` seconds, or no
-                           run open) with its reason
-    /plot/<det>/mean.png   the run's mean calibrated image (pixels placed, mm)
-    /plot/<det>/recent.png the mean of the events since the previous preview message
-    /plot/<det>/azav.png   the latest azimuthal profile and the run's mean, against q
-    /plot/strips.png       the last values of the per-event scalars and features
+    /                 the page
+    /state.json       the run, experiment, health, workers and the panels to show, or
+                      "status": "no data" (nothing for ``silent_s`` seconds, or no run
+                      open) with its reason
+    /data.json        what the panels draw, of the latest message: per detector its mean
+                      and recent images (float32, base64, their placement in mm and colour
+                      limits) and azimuthal profiles; the strip charts' last values with
+                      their units; the beam-intensity strip the features are drawn against
+    /plotly.min.js    plotly.js, gzipped where the browser takes it
 
 Every message is checked (``check_preview``) before it is used: a malformed one is
-counted and dropped; a picture that cannot be drawn is a picture saying so."""
+counted and dropped."""
 from __future__ import annotations
 
+import base64
+import gzip
+import importlib.util
 import json
 import logging
 import math
 import re
 import threading
 import time
+from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from io import BytesIO
+from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import zmq
 
 from .services.protocol import ProtocolError, decode, is_int, short
 
 log = logging.getLogger("gpusmd.monitor")
 SILENT_S = 5.0          # no message for this long: "no data"
-DPI = 80
 MAX_STRIPS_SHOWN = 12
+MAX_CORRELATIONS = 4    # detector features drawn against the beam intensity
 NAME = re.compile(r"[A-Za-z0-9_.:/#-]{1,256}")
-PANELS = ("mean", "recent", "azav")
 INTENSITY = re.compile(r"ipm|gmd|intensity|i0|diode", re.IGNORECASE)
 
 
@@ -67,9 +74,14 @@ def check_preview(msg) -> dict:
         if not is_int(h.get(key, 0)):
             raise ProtocolError(f"preview: {key} {short(h.get(key))}")
         out[key] = h.get(key, 0)
+    for key in ("pending", "in_flight", "n_workers"):
+        if not is_int(h.get(key, -1), -1):
+            raise ProtocolError(f"preview: {key} {short(h.get(key))}")
+        out[key] = h.get(key, -1)
     if not _number(h.get("rate", 0.0)):
         raise ProtocolError(f"preview: rate {short(h.get('rate'))}")
     out["rate"] = float(h.get("rate", 0.0))
+    out["workers"] = check_workers(h.get("workers", {}))
     arrays = msg.arrays
     dets = h.get("detectors", {})
     if not isinstance(dets, dict) or len(dets) > 64:
@@ -124,8 +136,114 @@ def check_preview(msg) -> dict:
     return out
 
 
+def check_workers(workers) -> dict:
+    """The preview's workers {name: {backend, host, pid, events, rate}}, checked."""
+    if not isinstance(workers, dict) or len(workers) > 256:
+        raise ProtocolError(f"preview: workers {short(workers)}")
+    out = {}
+    for name, w in workers.items():
+        if not (isinstance(name, str) and NAME.fullmatch(name) and isinstance(w, dict)
+                and all(isinstance(w.get(k, ""), str) and len(w.get(k, "")) <= 64
+                        for k in ("backend", "host"))
+                and is_int(w.get("pid", 0)) and is_int(w.get("events", 0))
+                and _number(w.get("rate", 0.0))):
+            raise ProtocolError(f"preview: worker {short(name)}: {short(w)}")
+        out[name] = {"backend": w.get("backend", "?"), "host": w.get("host", "?"),
+                     "pid": w.get("pid"), "events": w.get("events", 0),
+                     "events_per_s": round(float(w.get("rate", 0.0)), 2)}
+    return out
+
+
+# ---- what the page draws -------------------------------------------------------------
+def strip_units(name: str, p) -> str:
+    """The units of a strip: a detector's feature in its units (sums, means, maxima),
+    counts in [#], the rest in arbitrary units."""
+    det, _, field = name.rpartition("/")
+    if re.search(r"ndroplets|count|npix|nphot|common_mode|xray|laser", field, re.IGNORECASE):
+        return "#"
+    if det in p["detectors"] and re.search(r"_(sum|mean|max)$", field):
+        return p["detectors"][det]["units"]
+    return "arb. units"
+
+
+def _is_feature(name: str, p) -> bool:
+    return "/" in name and name.rpartition("/")[0] in p["detectors"]
+
+
+def chosen_strips(p) -> list[str]:
+    """The strips shown, beam intensity first, then detector features, then the rest."""
+    rank = lambda n: 0 if INTENSITY.search(n) else 1 if _is_feature(n, p) else 2
+    return sorted(p["strips"], key=rank)[:MAX_STRIPS_SHOWN]
+
+
+def intensity_strip(p) -> str | None:
+    """The beam-intensity strip the detector features are drawn against, if any."""
+    return next((n for n in p["strips"] if INTENSITY.search(n) and not _is_feature(n, p)),
+                None)
+
+
+def _floats(a) -> list:
+    """JSON numbers; null where not finite."""
+    return [v if math.isfinite(v) else None for v in np.asarray(a, np.float64).tolist()]
+
+
+def image_json(img: np.ndarray, extent: list) -> dict:
+    """An image as the page draws it: float32 little-endian in base64, its pixel centres
+    in mm (first and step, rows down the page) and its colour limits."""
+    from .beamtime.plot import image_limits
+    rows, cols = img.shape
+    left, right, bottom, top = extent
+    lo, hi, diverging = image_limits(img)
+    return {"rows": rows, "cols": cols,
+            "x0": left + (right - left) / cols / 2, "dx": (right - left) / cols,
+            "y0": top + (bottom - top) / rows / 2, "dy": (bottom - top) / rows,
+            "zmin": lo, "zmax": hi, "diverging": diverging,
+            "b64": base64.b64encode(np.ascontiguousarray(img, "<f4").tobytes()).decode()}
+
+
+def panels(p) -> list[str]:
+    """The panels of a message: per detector its images and azav, then the strips and
+    the features against the beam intensity."""
+    out = []
+    for det, d in p["detectors"].items():
+        out += [f"{det}/{image}" for image in ("mean", "recent") if d[image] is not None]
+        if d["azav"]:
+            out.append(f"{det}/azav")
+    if p["strips"]:
+        out.append("strips")
+        if intensity_strip(p) and any(_is_feature(n, p) for n in p["strips"]):
+            out.append("correlation")
+    return out
+
+
+def page_data(p) -> dict:
+    """/data.json of a message."""
+    dets = {}
+    for det, d in p["detectors"].items():
+        dets[det] = {"units": d["units"], "type": d["type"], "n_summed": d["n_summed"],
+                     "n_recent": d["n_recent"],
+                     "images": {image: image_json(d[image], d["extent"])
+                                for image in ("mean", "recent") if d[image] is not None},
+                     "azav": {name: {"q": _floats(q), "last": _floats(last),
+                                     "mean": _floats(mean)}
+                              for name, (q, last, mean) in d["azav"].items()}}
+    shown = chosen_strips(p)
+    intensity = intensity_strip(p)
+    features = [n for n in p["strips"] if _is_feature(n, p)][:MAX_CORRELATIONS]
+    strips = {n: p["strips"][n] for n in {*shown, *([intensity] if intensity else []),
+                                         *features}}
+    return {"status": "live", "seq": p["seq"], "run": p["run"], "experiment": p["experiment"],
+            "rate": p["rate"], "detectors": dets,
+            "strips": {"event_id": (p["event_ids"].tolist() if p["event_ids"] is not None
+                                    else []),
+                       "shown": shown, "values": {n: _floats(a) for n, a in strips.items()},
+                       "units": {n: strip_units(n, p) for n in strips}},
+            "intensity": intensity, "features": features if intensity else []}
+
+
 class MonitorState:
-    """The latest preview and when it came (thread safe), and its pictures (cached)."""
+    """The latest preview and when it came (thread safe), and its page data (made once
+    per message, when first asked for)."""
 
     def __init__(self, silent_s: float = SILENT_S):
         self.silent_s = silent_s
@@ -134,7 +252,7 @@ class MonitorState:
         self.received = -math.inf
         self.n_messages = 0
         self.n_bad = 0
-        self.cache: dict = {}
+        self.data_json: bytes | None = None
 
     def take(self, frames):
         """One message from the preview: checked, then it replaces what was shown (a new
@@ -149,7 +267,19 @@ class MonitorState:
         with self.lock:
             self.latest, self.received = p, time.monotonic()
             self.n_messages += 1
-            self.cache.clear()
+            self.data_json = None
+
+    def live(self) -> tuple[dict | None, str]:
+        """(the message shown, "") or (None, why there is no data)."""
+        with self.lock:
+            p, age = self.latest, time.monotonic() - self.received
+        if p is None:
+            return None, "no preview received yet"
+        if age > self.silent_s:
+            return None, f"the preview has been silent for {age:.0f} s (services stopped?)"
+        if p["state"] == "idle":
+            return None, "the sink is up, no run is open"
+        return p, ""
 
     def state(self) -> dict:
         with self.lock:
@@ -157,204 +287,220 @@ class MonitorState:
             n, bad = self.n_messages, self.n_bad
         out = {"messages": n, "refused_messages": bad,
                "age_s": None if p is None else round(age, 2)}
-        if p is None or age > self.silent_s:
-            return {**out, "status": "no data", "reason": (
-                "no preview received yet" if p is None else
-                f"the preview has been silent for {age:.0f} s (services stopped?)"),
-                "run": None, "experiment": None, "plots": []}
-        health = {k: p[k] for k in ("n_events", "n_errors", "n_announced", "waiting_batches",
-                                    "refused", "duplicates", "dropped")}
-        health["events_per_s"] = round(p["rate"], 2)
-        if p["state"] == "idle":
-            return {**out, "status": "no data", "reason": "the sink is up, no run is open",
-                    "run": None, "experiment": None, "plots": [], "health": health}
-        plots = []
-        for det, d in p["detectors"].items():
-            plots += [f"/plot/{det}/{panel}.png" for panel in ("mean", "recent")
-                      if d[panel] is not None]
-            if d["azav"]:
-                plots.append(f"/plot/{det}/azav.png")
-        if p["strips"]:
-            plots.append("/plot/strips.png")
-        return {**out, "status": "live", "reason": "", "run": p["run"],
-                "experiment": p["experiment"], "seq": p["seq"], "health": health,
-                "plots": plots}
+        shown, reason = self.live()
+        health = {} if p is None or age > self.silent_s else {
+            **{k: p[k] for k in ("n_events", "n_errors", "n_announced", "waiting_batches",
+                                 "pending", "in_flight", "n_workers", "refused",
+                                 "duplicates", "dropped")},
+            "events_per_s": round(p["rate"], 2)}
+        if shown is None:
+            return {**out, "status": "no data", "reason": reason, "run": None,
+                    "experiment": None, "plots": [], "health": health, "workers": {}}
+        return {**out, "status": "live", "reason": "", "run": shown["run"],
+                "experiment": shown["experiment"], "seq": shown["seq"], "health": health,
+                "workers": shown["workers"], "plots": panels(shown)}
 
-    def png(self, what: str) -> bytes | None:
-        """The picture ``what`` ("<det>/<panel>" or "strips") of the latest message; a
-        "no data" picture when there is none; None for a name it never has."""
+    def data(self) -> bytes:
+        """/data.json: what the panels draw, or the "no data" state."""
+        p, reason = self.live()
+        if p is None:
+            return json.dumps({"status": "no data", "reason": reason}).encode()
         with self.lock:
-            p, age = self.latest, time.monotonic() - self.received
-            cached = self.cache.get(what)
-        if cached is not None and p is not None and age <= self.silent_s:
+            cached = self.data_json if self.latest is p else None
+        if cached is not None:
             return cached
-        if p is None or age > self.silent_s or p["state"] != "run":
-            return render_text("no data")
-        det, _, panel = what.rpartition("/")
-        if what != "strips" and (det not in p["detectors"] or panel not in PANELS):
-            return None
-        try:
-            data = (draw_strips(p) if what == "strips"
-                    else DRAW[panel](p, det, p["detectors"][det]))
-        except Exception as e:              # a picture that cannot be drawn says so
-            log.warning("%s: cannot draw (%s: %s)", what, type(e).__name__, e)
-            data = render_text(f"{what}: cannot draw ({type(e).__name__})")
+        data = json.dumps(page_data(p)).encode()
         with self.lock:
             if self.latest is p:
-                self.cache[what] = data
+                self.data_json = data
         return data
 
 
-# ---- the pictures ----------------------------------------------------------------------
-def _figure(size=(6.4, 4.8)):
-    from matplotlib.figure import Figure
-    return Figure(figsize=size, dpi=DPI, layout="constrained")
-
-
-def _png(fig) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    FigureCanvasAgg(fig)
-    buf = BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def render_text(text: str) -> bytes:
-    fig = _figure((4, 1.5))
-    ax = fig.add_subplot()
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=14, transform=ax.transAxes)
-    ax.set_axis_off()
-    return _png(fig)
-
-
-def _title(p, text: str) -> str:
-    exp = f"{p['experiment']} " if p["experiment"] else ""
-    return f"{exp}run {p['run']}: {text}"
-
-
-def draw_image(p, det: str, d: dict, which: str) -> bytes:
-    from .beamtime.plot import image_scale
-    img = d[which]
-    fig = _figure()
-    ax = fig.add_subplot()
-    cmap, norm = image_scale(img)
-    shown = ax.imshow(img, origin="upper", extent=d["extent"], interpolation="antialiased",
-                      cmap=cmap, norm=norm)
-    bar = fig.colorbar(shown, ax=ax, shrink=0.85)
-    bar.set_label(f"mean calibrated value [{d['units']}]")
-    ax.set_xlabel("y [mm]")
-    ax.set_ylabel("x [mm]")
-    what = (f"mean of {d['n_summed']} events" if which == "mean"
-            else f"mean of the last {d['n_recent']} events")
-    ax.set_title(_title(p, f"{det}, {what}"), fontsize=9)
-    return _png(fig)
-
-
-def draw_azav(p, det: str, d: dict) -> bytes:
-    from .beamtime.plot import AZAV_COLOURS
-    fig = _figure()
-    ax = fig.add_subplot()
-    for (name, (q, last, mean)), colour in zip(d["azav"].items(), AZAV_COLOURS):
-        ax.plot(q, mean, "-", color=colour, lw=1.3, label=f"{name}, run mean")
-        ax.plot(q, last, ":", color=colour, lw=1.0, label=f"{name}, latest event")
-    ax.axhline(0, color="0.6", lw=0.6)
-    ax.set_xlabel("q [1/Å]")
-    ax.set_ylabel(f"mean per pixel [{d['units']}]")
-    ax.set_title(_title(p, f"{det}, azimuthal average"), fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _png(fig)
-
-
-def strip_units(name: str, p) -> str:
-    """The units of a strip: a detector's feature in its units (sums, means, maxima),
-    counts in [#], the rest in arbitrary units."""
-    det, _, field = name.rpartition("/")
-    if re.search(r"ndroplets|count|npix|nphot|common_mode|xray|laser", field, re.IGNORECASE):
-        return "#"
-    if det in p["detectors"] and re.search(r"_(sum|mean|max)$", field):
-        return p["detectors"][det]["units"]
-    return "arb. units"
-
-
-def chosen_strips(p) -> list[str]:
-    """The strips shown, beam intensity first, then detector features, then the rest."""
-    names = list(p["strips"])
-    rank = lambda n: (0 if INTENSITY.search(n) else 1 if "/" in n and n.rpartition("/")[0]
-                      in p["detectors"] else 2)
-    return sorted(names, key=rank)[:MAX_STRIPS_SHOWN]
-
-
-def draw_strips(p) -> bytes:
-    names = chosen_strips(p)
-    cols = 2 if len(names) > 3 else 1
-    rows = math.ceil(len(names) / cols)
-    fig = _figure((6.4 * cols / 1.3, 1.7 * rows + 0.6))
-    events = p["event_ids"]
-    for i, name in enumerate(names):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        ax.plot(events, p["strips"][name], ".-", ms=2, lw=0.6)
-        ax.set_ylabel(f"[{strip_units(name, p)}]", fontsize=8)
-        ax.set_title(name, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        if i >= len(names) - cols:
-            ax.set_xlabel("event id [#]", fontsize=8)
-    fig.suptitle(_title(p, f"last {len(events)} events, {p['rate']:.1f} events/s"), fontsize=9)
-    return _png(fig)
-
-
-DRAW = {"mean": lambda p, det, d: draw_image(p, det, d, "mean"),
-        "recent": lambda p, det, d: draw_image(p, det, d, "recent"),
-        "azav": draw_azav}
+@lru_cache(maxsize=2)
+def plotly_js(compressed: bool) -> bytes:
+    """plotly.js as the ``plotly`` package ships it (read and gzipped once)."""
+    spec = importlib.util.find_spec("plotly")
+    path = (Path(next(iter(spec.submodule_search_locations))) / "package_data"
+            / "plotly.min.js") if spec is not None else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError("plotly.min.js is not installed (pip install plotly)")
+    data = path.read_bytes()
+    return gzip.compress(data, 6) if compressed else data
 
 
 # ---- the page --------------------------------------------------------------------------
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>gpusmd monitor</title>
+<script src="/plotly.min.js"></script>
 <style>
 body { font-family: sans-serif; margin: 1em; }
 #status { font-size: 1.3em; font-weight: bold; }
 .nodata { color: #b00; } .live { color: #070; }
-#health td { padding: 0 1em 0 0; }
-#plots img { margin: 4px; border: 1px solid #ccc; vertical-align: top; }
+table { border-collapse: collapse; margin: 0.5em 2em 0.5em 0; display: inline-table;
+        vertical-align: top; }
+td, th { padding: 0 1em 0 0; text-align: left; }
+.panel { display: inline-block; margin: 4px; border: 1px solid #ccc; vertical-align: top; }
+.small { display: inline-block; vertical-align: top; }
 </style></head>
 <body>
 <h1>gpusmd monitor</h1>
 <div id="status" class="nodata">no data</div>
 <div>experiment <span id="experiment">-</span>, run <span id="run">-</span></div>
-<table id="health"></table>
+<table id="health"></table><table id="workers"></table>
 <div id="plots"></div>
 <script>
+const CONFIG = {displaylogo: false, responsive: false};
+const HEALTH = [["n_events", "events written"], ["n_announced", "events announced"],
+  ["events_per_s", "events/s"], ["n_errors", "events in error"],
+  ["waiting_batches", "batches waiting at the sink (out of order)"],
+  ["pending", "batches pending at the ingest"], ["in_flight", "batches at the workers"],
+  ["n_workers", "workers"], ["refused", "messages refused"],
+  ["duplicates", "duplicates"], ["dropped", "preview messages dropped"]];
+const COLOURS = ["black", "#2ca02c", "#9467bd", "#8c564b", "#bcbd22"];
+const divs = {};
 let shown = null;
+
+function title(d, text) {
+  return (d.experiment ? d.experiment + " " : "") + "run " + d.run + ": " + text;
+}
+function layout(text, xtitle, ytitle, more) {
+  const l = {title: {text: text, font: {size: 12}, x: 0.01, xanchor: "left"},
+             font: {size: 11}, margin: {l: 65, r: 20, t: 50, b: 45}, width: 560, height: 440,
+             xaxis: {title: {text: xtitle}}, yaxis: {title: {text: ytitle}}};
+  return Object.assign(l, more || {});
+}
+function panel(id, cls) {
+  let div = divs[id];
+  if (!div) {
+    div = document.createElement("div");
+    div.className = cls || "panel";
+    div.dataset.panel = id;
+    document.getElementById("plots").appendChild(div);
+    divs[id] = div;
+  }
+  return div;
+}
+function clear(keep) {
+  for (const id of Object.keys(divs)) {
+    if (keep && keep.has(id)) continue;
+    Plotly.purge(divs[id]);
+    divs[id].remove();
+    delete divs[id];
+  }
+}
+function pixels(im) {
+  const bin = atob(im.b64), bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  const f = new Float32Array(bytes.buffer), z = [];
+  for (let r = 0; r < im.rows; r++) z.push(Array.from(f.subarray(r * im.cols, (r + 1) * im.cols)));
+  return z;
+}
+function colours(im) {
+  if (!im.diverging) return "Viridis";
+  const mid = -im.zmin / (im.zmax - im.zmin);      // white at 0, as on the pictures of gpusmd plot
+  return [[0, "#2166ac"], [mid / 2, "#92c5de"], [mid, "#f7f7f7"],
+          [mid + (1 - mid) / 2, "#f4a582"], [1, "#b2182b"]];
+}
+function drawImage(data, det, d, which) {
+  const im = d.images[which];
+  const what = which === "mean" ? "mean of " + d.n_summed + " events"
+                                : "mean of the last " + d.n_recent + " events";
+  const trace = {type: "heatmap", z: pixels(im), x0: im.x0, dx: im.dx, y0: im.y0, dy: im.dy,
+    zmin: im.zmin, zmax: im.zmax, colorscale: colours(im),
+    colorbar: {title: {text: "mean calibrated value [" + d.units + "]", side: "right"}},
+    hovertemplate: "y %{x:.2f} mm, x %{y:.2f} mm: %{z:.4g} " + d.units + "<extra></extra>"};
+  Plotly.react(panel(det + "/" + which), [trace], layout(title(data, det + ", " + what),
+    "y [mm]", "x [mm]", {plot_bgcolor: "#8c8c8c",
+    xaxis: {title: {text: "y [mm]"}, constrain: "domain"},
+    yaxis: {title: {text: "x [mm]"}, autorange: "reversed", scaleanchor: "x",
+            constrain: "domain"}}), CONFIG);
+}
+function drawAzav(data, det, d) {
+  const traces = [];
+  Object.entries(d.azav).forEach(([name, a], i) => {
+    const c = COLOURS[i % COLOURS.length];
+    traces.push({x: a.q, y: a.mean, mode: "lines", name: name + ", run mean",
+                 line: {color: c, width: 1.5}});
+    traces.push({x: a.q, y: a.last, mode: "lines", name: name + ", latest event",
+                 line: {color: c, width: 1, dash: "dot"}});
+  });
+  Plotly.react(panel(det + "/azav"), traces, layout(title(data, det + ", azimuthal average"),
+    "q [1/\\u00c5]", "mean per pixel [" + d.units + "]",
+    {legend: {font: {size: 9}, x: 1, xanchor: "right", y: 1}}), CONFIG);
+}
+function small(id, traces, text, xtitle, ytitle) {
+  Plotly.react(panel(id, "panel small"), traces, layout(text, xtitle, ytitle,
+    {width: 400, height: 230, margin: {l: 65, r: 15, t: 40, b: 40}, showlegend: false,
+     title: {text: text, font: {size: 10}, x: 0.01, xanchor: "left"}}), CONFIG);
+}
+function drawStrips(data) {
+  const s = data.strips;
+  for (const name of s.shown) {
+    small("strip:" + name, [{x: s.event_id, y: s.values[name], mode: "lines+markers",
+      marker: {size: 3}, line: {width: 1}}],
+      title(data, name + " (" + data.rate.toFixed(1) + " events/s)"), "event id [#]",
+      name + " [" + s.units[name] + "]");
+  }
+}
+function drawCorrelation(data) {
+  const s = data.strips, x = s.values[data.intensity];
+  for (const name of data.features) {
+    small("against:" + name, [{x: x, y: s.values[name], mode: "markers", marker: {size: 3}}],
+      title(data, name + " against " + data.intensity), data.intensity + " [" +
+      s.units[data.intensity] + "]", name + " [" + s.units[name] + "]");
+  }
+}
+function draw(data, plots) {
+  const want = new Set();
+  for (const id of plots) {
+    if (id === "strips") data.strips.shown.forEach(n => want.add("strip:" + n));
+    else if (id === "correlation") data.features.forEach(n => want.add("against:" + n));
+    else want.add(id);
+  }
+  clear(want);
+  for (const id of plots) {
+    const [det, what] = [id.slice(0, id.lastIndexOf("/")), id.slice(id.lastIndexOf("/") + 1)];
+    if (id === "strips") drawStrips(data);
+    else if (id === "correlation") drawCorrelation(data);
+    else if (what === "azav") drawAzav(data, det, data.detectors[det]);
+    else drawImage(data, det, data.detectors[det], what);
+  }
+}
+function table(id, head, rows) {
+  document.getElementById(id).innerHTML = rows.length ?
+    "<tr>" + head.map(h => "<th>" + h + "</th>").join("") + "</tr>" +
+    rows.map(r => "<tr>" + r.map(v => "<td>" + v + "</td>").join("") + "</tr>").join("") : "";
+}
+function noData(reason) {
+  const st = document.getElementById("status");
+  st.textContent = "no data: " + reason;
+  st.className = "nodata";
+  clear(null);
+  shown = null;
+}
 async function poll() {
   try {
     const s = await (await fetch("/state.json", {cache: "no-store"})).json();
-    const st = document.getElementById("status");
-    st.textContent = s.status === "live" ? "live" : "no data: " + s.reason;
-    st.className = s.status === "live" ? "live" : "nodata";
     document.getElementById("run").textContent = s.run === null ? "-" : s.run;
     document.getElementById("experiment").textContent = s.experiment || "-";
     const h = s.health || {};
-    document.getElementById("health").innerHTML = s.status === "live" ?
-      Object.entries(h).map(([k, v]) => `<tr><td>${k}</td><td>${v}</td></tr>`).join("") : "";
-    const plots = document.getElementById("plots");
-    const key = s.status === "live" ? s.seq : null;
-    if (key !== shown) {
-      shown = key;
-      plots.innerHTML = "";
-      for (const url of s.plots) {
-        const img = document.createElement("img");
-        img.src = url + "?seq=" + s.seq;
-        img.alt = url;
-        plots.appendChild(img);
-      }
-    }
+    table("health", ["health", ""], HEALTH.filter(([k]) => k in h && h[k] !== -1)
+      .map(([k, label]) => [label, h[k]]));
+    table("workers", ["worker", "host", "pid", "backend", "events", "events/s"],
+      Object.entries(s.workers || {}).map(([n, w]) =>
+        [n, w.host, w.pid, w.backend, w.events, w.events_per_s]));
+    if (s.status !== "live") return noData(s.reason);
+    const st = document.getElementById("status");
+    st.textContent = "live";
+    st.className = "live";
+    if (s.seq === shown) return;
+    const data = await (await fetch("/data.json?seq=" + s.seq, {cache: "no-store"})).json();
+    if (data.status !== "live") return noData(data.reason);
+    shown = s.seq;
+    draw(data, s.plots);
+    document.body.dataset.drawn = String(data.seq);
   } catch (e) {
-    document.getElementById("status").textContent = "no data: the monitor does not answer";
-    document.getElementById("status").className = "nodata";
-    document.getElementById("plots").innerHTML = "";
-    shown = null;
+    noData("the monitor does not answer");
   }
 }
 poll();
@@ -374,22 +520,25 @@ class Handler(BaseHTTPRequestHandler):
                 self.reply(200, "text/html; charset=utf-8", PAGE.encode())
             elif path == "/state.json":
                 self.reply(200, "application/json", json.dumps(self.state.state()).encode())
-            elif path.startswith("/plot/") and path.endswith(".png"):
-                data = self.state.png(path[len("/plot/"):-len(".png")])
-                if data is None:
-                    self.reply(404, "text/plain", b"no such plot\n")
-                else:
-                    self.reply(200, "image/png", data)
+            elif path == "/data.json":
+                self.reply(200, "application/json", self.state.data())
+            elif path == "/plotly.min.js":
+                gz = "gzip" in self.headers.get("Accept-Encoding", "")
+                self.reply(200, "text/javascript", plotly_js(gz), cache="max-age=86400",
+                           encoding="gzip" if gz else None)
             else:
                 self.reply(404, "text/plain", b"not found\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def reply(self, code: int, kind: str, body: bytes):
+    def reply(self, code: int, kind: str, body: bytes, cache: str = "no-store",
+              encoding: str | None = None):
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        self.send_header("Cache-Control", cache)
+        if encoding:
+            self.send_header("Content-Encoding", encoding)
         self.end_headers()
         self.wfile.write(body)
 
@@ -475,6 +624,10 @@ def main(args):
     if not address:
         raise GpusmdError(f"{args.config}: services.preview is off: no preview to show "
                           f"(give --preview ADDRESS)")
+    try:
+        plotly_js(False)                # the page cannot draw without it: say so now
+    except FileNotFoundError as e:
+        raise GpusmdError(str(e)) from None
     try:
         serve(address, args.port, args.host, cfg)
     except OSError as e:

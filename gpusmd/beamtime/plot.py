@@ -219,18 +219,28 @@ def _nothing(fig, text):
     return ax
 
 
-def image_scale(img):
-    """(colour map, norm): where the 0.5 percentile is negative (over-subtracted pedestals,
-    common mode), a diverging scale centred on 0 from it to the 99.5 percentile, so that
-    negative values show beside the signal; otherwise a plain scale between the two."""
-    import matplotlib
-    from matplotlib.colors import Normalize, TwoSlopeNorm
+def image_limits(img) -> tuple[float, float, bool]:
+    """(low, high, diverging): where the 0.5 percentile is negative (over-subtracted
+    pedestals, common mode), a diverging scale centred on 0 from it to the 99.5
+    percentile, so that negative values show beside the signal; otherwise a plain scale
+    between the two."""
     finite = img[np.isfinite(img)]
     lo, hi = np.percentile(finite, (0.5, 99.5)) if finite.size else (-1.0, 1.0)
+    lo, hi = float(lo), float(hi)
     if lo < 0:
-        cmap, norm = "RdBu_r", TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=max(hi, 1e-3 * -lo))
+        return lo, max(hi, 1e-3 * -lo), True
+    return lo, hi if hi > lo else lo + 1, False
+
+
+def image_scale(img):
+    """(colour map, norm) of ``image_limits``; masked pixels grey."""
+    import matplotlib
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+    lo, hi, diverging = image_limits(img)
+    if diverging:
+        cmap, norm = "RdBu_r", TwoSlopeNorm(vcenter=0.0, vmin=lo, vmax=hi)
     else:
-        cmap, norm = "viridis", Normalize(lo, hi if hi > lo else lo + 1)
+        cmap, norm = "viridis", Normalize(lo, hi)
     return matplotlib.colormaps[cmap].with_extremes(bad="0.55"), norm
 
 

@@ -478,7 +478,11 @@ class Ingest:
         try:
             self.sink.send_multipart(encode({"kind": "heartbeat", "run": self.info.run,
                                              "key": self.key, "n_batches": self.next_batch,
-                                             "n_events": self.n_events}), flags=zmq.NOBLOCK)
+                                             "n_events": self.n_events,
+                                             "pending": len(self.pending),
+                                             "in_flight": len(self.in_flight),
+                                             "n_workers": len(self.workers)}),
+                                     flags=zmq.NOBLOCK)
         except zmq.Again:
             pass
 

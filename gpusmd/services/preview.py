@@ -6,7 +6,9 @@ One message (kind "preview", services/protocol.py) holds what a live monitor sho
 
 header   run, experiment, time, seq, n_events (written), n_errors, waiting_batches,
          refused, duplicates, rate (events/s over the last messages), state ("run": a run
-         is open, "idle": the sink waits for one) and per detector {units, type,
+         is open, "idle": the sink waits for one), the ingest's pending, in_flight and
+         n_workers (its last heartbeat; -1 where not known), workers {name: {backend,
+         host, pid, events, rate}} (from the results written), per detector {units, type,
          n_summed, n_recent, pixel_um, extent [left, right, bottom, top] in mm, azav
          names}; strips: the names of the strip charts
 arrays   "<det>/mean": the run's mean calibrated image (the sink's /Sums/<det>_calib over
@@ -34,7 +36,7 @@ import zmq
 
 from ..geometry import detector_coords, image_index
 from .common import curve_keys
-from .protocol import encode
+from .protocol import encode, is_int
 from .security import secure_server
 
 log = logging.getLogger("gpusmd.preview")
@@ -42,6 +44,7 @@ PREVIEW_HWM = 2         # messages queued per subscriber; more are dropped
 STRIP_LEN = 600         # values of each strip chart
 MAX_STRIPS = 32         # strip charts of a run
 MAX_IMAGE = 512         # pixels a side of a preview image (binned down to this)
+MAX_WORKERS = 256       # workers shown
 IDLE_EVERY_S = 1.0      # with no run open, a short "idle" message this often
 
 
@@ -154,10 +157,12 @@ class RunView:
         self.detectors = {det: DetectorView(det, proc) for det, proc in writer.procs.items()}
         self.strips: dict[str, deque] = {}
         self.event_ids: deque = deque(maxlen=STRIP_LEN)
+        self.workers: dict[str, dict] = {}      # name -> backend, host, pid, events written
 
     def add(self, msg):
         h = msg.header
         n = len(h["events"])
+        self.count_worker(h, n)
         if not n:
             return
         self.event_ids.extend(h["events"])
@@ -180,6 +185,25 @@ class RunView:
                     view.add_azav(name, a)
 
 
+    def count_worker(self, h: dict, n: int):
+        """The events of a result to the worker that made it (what it says of itself is
+        shown only when it is a short string or an int)."""
+        name = h.get("worker")
+        if not (isinstance(name, str) and 0 < len(name) <= 64):
+            return
+        w = self.workers.get(name)
+        if w is None:
+            if len(self.workers) >= MAX_WORKERS:
+                return
+            w = self.workers[name] = {"events": 0}
+        for key in ("backend", "host"):
+            if isinstance(h.get(key), str) and len(h[key]) <= 64:
+                w[key] = h[key]
+        if is_int(h.get("pid")):
+            w["pid"] = h["pid"]
+        w["events"] += n
+
+
 class Preview:
     """The sink's preview publisher; ``result`` with every result taken, ``tick`` in the
     sink's loop."""
@@ -193,7 +217,7 @@ class Preview:
         self.sent = 0
         self.dirty = False
         self.view: RunView | None = None
-        self.rates: deque = deque(maxlen=8)     # (time, events written)
+        self.rates: deque = deque(maxlen=8)     # (time, events written, per worker)
         self.socket = ctx.socket(zmq.PUB)
         self.socket.sndhwm = PREVIEW_HWM
         self.socket.linger = 0
@@ -259,8 +283,11 @@ class Preview:
         m = sink.metrics
         info = c.info if c is not None else None
         n = c.n_written if c is not None else 0
-        self.rates.append((now, n))
-        t0, n0 = self.rates[0]
+        workers = self.view.workers if c is not None and self.view is not None else {}
+        self.rates.append((now, n, {k: w["events"] for k, w in workers.items()}))
+        t0, n0, w0 = self.rates[0]
+        dt = now - t0
+        ingest = getattr(c, "announced", None) or {}
         return {"kind": "preview", "seq": self.seq, "time": time.time(),
                 "state": "run" if c is not None else "idle",
                 "run": info.run if info else -1,
@@ -270,7 +297,12 @@ class Preview:
                 "waiting_batches": len(c.results) if c is not None else 0,
                 "refused": int(m.get("refused")), "duplicates": int(m.get("duplicates")),
                 "dropped": self.dropped,
-                "rate": (n - n0) / (now - t0) if now > t0 else 0.0,
+                "rate": (n - n0) / dt if dt > 0 else 0.0,
+                # the ingest's last heartbeat: its queue (-1: not known)
+                **{key: ingest.get(key) if is_int(ingest.get(key)) else -1
+                   for key in ("pending", "in_flight", "n_workers")},
+                "workers": {k: {**w, "rate": (w["events"] - w0.get(k, 0)) / dt if dt > 0 else 0.0}
+                            for k, w in workers.items()},
                 "detectors": {}, "strips": []}
 
     def snapshot(self, sink, now: float) -> tuple[dict, dict]:

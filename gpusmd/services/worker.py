@@ -238,6 +238,7 @@ class Worker:
                     self.stager.release(staged.k)
         header = {"kind": "result", "run": run, "batch": batch, "token": h["token"],
                   "worker": self.name, "backend": self.backend.name,
+                  "host": socket.gethostname(), "pid": os.getpid(),
                   "events": [ids[i] for i in good],
                   "timestamps": [events[i]["timestamp"] for i in good],
                   "scalars": {n: [events[i]["scalars"][n] for i in good]
