@@ -46,7 +46,15 @@ def cmd_replay(args):
     from .backend import get_backend
     from .config import load_config
     config = load_config(args.config)
-    if args.via_services:
+    if args.mpi:
+        from .mpi_replay import replay_mpi
+        summary = replay_mpi(args.raw, config, args.output, args.backend,
+                             batch_size=args.batch_size, max_events=args.max_events,
+                             force=args.force)
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.Get_rank() != 0:
+            return
+    elif args.via_services:
         from .backend import backend_name
         from .services.run import replay_via_services
         summary = replay_via_services(args.raw, args.config, args.output, args.workers,
@@ -228,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--via-services", action="store_true",
                    help="through ingest, workers and sink processes on this host")
     s.add_argument("--workers", type=int, default=2, help="workers, with --via-services")
+    s.add_argument("--mpi", action="store_true",
+                   help="one rank of an MPI job (mpiexec -n N, srun): the ranks share the "
+                        "run's events and rank 0 writes the run file over their parts")
     s.add_argument("--force", action="store_true", help="replace an existing output")
     s.set_defaults(func=cmd_replay)
 
@@ -339,7 +350,8 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except GpusmdError as e:
-        print(f"gpusmd: error: {e}", file=sys.stderr)
+        if str(e):              # an MPI rank other than 0 leaves the saying to rank 0
+            print(f"gpusmd: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("gpusmd: interrupted", file=sys.stderr)

@@ -250,14 +250,21 @@ class PsanaRun:
             return np.nan if np.dtype(t).kind == "f" else 0
         return value
 
+    def count_events(self) -> int:
+        """The run's events, counted by reading it through once (frames not read)."""
+        if self.n_events is None:
+            self.n_events = sum(1 for _ in self._events(self._fresh_run()))
+        return self.n_events
+
     def batches(self, batch_size: int, max_events: int | None = None, detectors=None,
-                one_step: bool = False):
+                one_step: bool = False, first: int = 0):
+        """The events from the ``first`` to the ``max_events``-th (the end when None)."""
         dets = list(self.detectors) if detectors is None else list(detectors)
         run = self._fresh_run()
         event_id_det = self._event_id_getter(run)
         pending, errors = [], []
         index = 0
-        start = 0
+        start = first
 
         def flush():
             nonlocal pending, errors, start
@@ -279,6 +286,9 @@ class PsanaRun:
         for step, evt in self._events(run):
             if max_events is not None and index >= max_events:
                 break
+            if index < first:           # another's share (an MPI rank's block)
+                index += 1
+                continue
             eid = int(event_id_det(evt)) if event_id_det else index
             index += 1
             if one_step and pending and pending[0][4] != step:

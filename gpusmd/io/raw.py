@@ -101,13 +101,14 @@ class RawRun:
         return {n: v.dtype for n, v in self.scalars.items()}
 
     def batches(self, batch_size: int, max_events: int | None = None, detectors=None,
-                one_step: bool = False):
-        """The events in order as EventBatch objects of at most ``batch_size`` events;
-        with ``one_step`` a batch never spans two configuration steps of a detector."""
+                one_step: bool = False, first: int = 0):
+        """The events in order as EventBatch objects of at most ``batch_size`` events,
+        from event ``first`` to event ``max_events`` (the run's end when None); with
+        ``one_step`` a batch never spans two configuration steps of a detector."""
         dets = list(self.detectors) if detectors is None else list(detectors)
         n = self.n_events if max_events is None else min(max_events, self.n_events)
         steps = {d: self.steps(d) for d in dets}
-        start = 0
+        start = first
         while start < n:
             stop = min(n, start + batch_size)
             if one_step:

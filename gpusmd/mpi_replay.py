@@ -1,0 +1,277 @@
+"""Offline replay across MPI ranks (``mpiexec -n N gpusmd replay RUN ... --mpi``, or
+``srun`` under SLURM), as psana2 spreads a run over a cluster.
+
+The run's events are split in contiguous blocks of whole batches (the batches of a
+one-process replay: event k*batch_size starts one), one block per rank in rank order.
+Each rank reduces its block on its own backend (on a node with several GPUs, the rank's
+index on its node picks the device) into its own part file, ``<run file>_parts/
+part<rank>.h5`` (a small-data file of its events, complete when its block is). Rank 0
+then writes the run file: every per-event dataset (and /errors) an HDF5 virtual dataset
+over the parts in rank order, which is event order; /UserDataCfg once; /Sums from every
+rank's partial sums, added in rank order (the sums of a one-process replay, up to the
+rounding of the float64 accumulators between blocks, far below the float32 written);
+the provenance names the ranks and their hosts. The run file is read with plain h5py
+as any small-data file, as long as its parts directory stays beside it.
+
+Everything that can be refused is refused on every rank before any event is reduced;
+the first rank's reason is said by rank 0. Each rank then says which events it has
+(its pid, host and part file). A rank that fails later says which rank it is and why,
+and ends the job (MPI Abort); one killed outright is reported by the launcher (mpich:
+by its pid, which the rank's first line names), which ends the others. Either way the
+run file stays marked incomplete (``complete`` = 0, no per-event data)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .backend import get_backend
+from .config import Config
+from .errors import GpusmdError
+from .io.output import SmallDataWriter, check_new_output, run_output
+from .io.source import EventBatch, open_run
+from .replay import (ReplaySummary, build_processors, passthrough_names, process_batch,
+                     provenance, write_run_end, write_user_data_cfg)
+from .runinfo import RunInfo
+
+
+def rank_blocks(n_events: int, batch_size: int, size: int) -> list[tuple[int, int]]:
+    """[first, stop) of each rank: whole batches, as even as they can be, in order."""
+    n_batches = -(-n_events // batch_size)
+    edges = [min(n_events, (r * n_batches // size) * batch_size) for r in range(size + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def parts_dir(out_path: Path) -> Path:
+    return out_path.with_name(f"{out_path.stem}_parts")
+
+
+def part_path(out_path: Path, rank: int) -> Path:
+    return parts_dir(out_path) / f"part{rank:04d}.h5"
+
+
+def gpu_count() -> int:
+    """GPUs on this node without initialising CUDA here (which would fix the device)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+
+
+def pick_device(local_rank: int, environ=os.environ, count=gpu_count) -> str | None:
+    """One GPU per rank on a node with several: CUDA_VISIBLE_DEVICES narrowed to the
+    rank's share (of the devices it lists, else of the node's), before CUDA starts. A
+    launcher that gave each rank one device already (SLURM --gpus-per-task) is left
+    alone. The device chosen, or None."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    ids = ([v for v in visible.split(",") if v.strip()] if visible is not None
+           else [str(i) for i in range(count())])
+    if len(ids) <= 1:
+        return ids[0] if ids else None
+    environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank % len(ids)]
+    return environ["CUDA_VISIBLE_DEVICES"]
+
+
+class RankFailed(GpusmdError):
+    pass
+
+
+def _fail_all(comm, rank: int, error: BaseException | None):
+    """Every rank's setup error (or None); raise the first on every rank."""
+    errors = comm.allgather(None if error is None else f"{type(error).__name__}: {error}"
+                            if not isinstance(error, GpusmdError) else str(error))
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if bad:
+        r, e = bad[0]
+        raise RankFailed(f"rank {r} of {len(errors)}: {e}" if rank == 0 else "")
+
+
+def count_events(run, max_events: int | None) -> int:
+    n = run.n_events if run.n_events is not None else run.count_events()
+    return n if max_events is None else min(max_events, n)
+
+
+def replay_mpi(source, config: Config, out_path, backend_name: str | None = None,
+               batch_size: int | None = None, max_events: int | None = None,
+               force: bool = False, comm=None) -> ReplaySummary:
+    """The MPI replay (see the module docstring); every rank calls it. Rank 0 returns the
+    run file's summary, the others their part's."""
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = comm.Split_type(_shared_type(), key=rank).Get_rank()
+    device = pick_device(local)
+    batch = batch_size or config.batch_size
+    writer = run = None
+    error = None
+    try:
+        backend = get_backend(backend_name, config=config.backend)
+        run = open_run(source, list(config.detectors)).__enter__()
+        info = RunInfo.from_run(run, detectors=[d for d in config.detectors if d in run.detectors],
+                                experiment=config.experiment)
+        out_path = run_output(out_path, info.experiment, info.run)
+        procs = build_processors(config, info, backend)
+        scalars = passthrough_names(config, run)
+        if rank == 0:
+            out_path = check_new_output(out_path, force)
+            parts = parts_dir(out_path)
+            if parts.exists():
+                if not force:
+                    raise GpusmdError(f"{parts} exists (the parts of an earlier run file; "
+                                      f"never replaced unless --force)")
+                shutil.rmtree(parts)
+            parts.mkdir(parents=True)
+    except Exception as e:          # refused here: said by rank 0, no rank starts work
+        error = e
+    try:
+        _fail_all(comm, rank, error)
+        n_events = comm.bcast(count_events(run, max_events) if rank == 0 else None)
+        out_path = comm.bcast(out_path if rank == 0 else None)
+        if rank == 0:           # the run file, marked incomplete, closed until the end
+            writer = SmallDataWriter(out_path, config.compression, force=force)
+            write_user_data_cfg(writer, procs)
+            writer.close()
+        comm.Barrier()          # no rank starts before the run file is there and closed
+        first, stop = rank_blocks(n_events, batch, size)[rank]
+        # which process has which events: a launcher that reports a killed rank by its
+        # pid (mpich's "BAD TERMINATION ... PID") is read with this line
+        print(f"gpusmd replay --mpi: rank {rank} of {size} (pid {os.getpid()} on "
+              f"{socket.gethostname()}{', GPU ' + device if device else ''}): events "
+              f"{first}-{stop - 1} of {n_events} -> {part_path(out_path, rank)}",
+              file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        part = _reduce_block(run, procs, scalars, config, backend, batch, first, stop,
+                             part_path(out_path, rank), rank, size)
+        seconds = time.perf_counter() - t0
+    except RankFailed:
+        if run is not None:
+            run.__exit__(None, None, None)
+        raise
+    except BaseException as e:
+        where = f"rank {rank} of {size}"
+        print(f"gpusmd replay --mpi: {where} failed: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
+        comm.Abort(1)           # ends every rank; nothing after it runs
+        os._exit(1)
+    run.__exit__(None, None, None)
+    part["host"], part["backend"], part["device"] = socket.gethostname(), backend.name, device
+    part["seconds"] = seconds
+    parts = comm.gather(part)
+    if rank != 0:
+        return ReplaySummary(part_path(out_path, rank), part["n_events"], seconds, backend.name)
+    try:
+        datasets = write_run_file(writer, out_path, procs, parts, {
+            **provenance(config, "+".join(sorted({p["backend"] for p in parts})),
+                         run.source, info.experiment, run.run),
+            "mpi_ranks": size, "mpi_hosts": " ".join(p["host"] for p in parts),
+            "mpi_parts": str(parts_dir(out_path).relative_to(out_path.parent))})
+    finally:
+        writer.close()
+    return ReplaySummary(out_path, sum(p["n_events"] for p in parts),
+                         max(p["seconds"] for p in parts), backend.name, datasets)
+
+
+def _shared_type():
+    from mpi4py import MPI
+    return MPI.COMM_TYPE_SHARED
+
+
+def _reduce_block(run, procs, scalars, config, backend, batch, first, stop, path, rank, size):
+    """One rank's events [first, stop) into its part file; what rank 0 needs of it."""
+    from .gpu_pipeline import stream_batches
+    writer = SmallDataWriter(path, config.compression, force=True)
+    n = 0
+    try:
+        def consume(b: EventBatch, frames):
+            nonlocal n
+            if b.errors:
+                writer.add_errors(b.errors)
+            if len(b):
+                writer.append(process_batch(procs, b, scalars, config, frames))
+            n += len(b)
+        if stop > first:
+            stream_batches(procs, ((b, b.frames) for b in run.batches(
+                batch, stop, detectors=list(procs), first=first)), batch, backend, consume)
+        layout = {}
+        writer.f.visititems(lambda name, obj: layout.__setitem__(
+            name, (obj.shape, obj.dtype.str)) if isinstance(obj, h5py.Dataset) else None)
+        writer.set_attrs({"mpi_rank": rank, "mpi_ranks": size, "first_event": first,
+                          "stop_event": stop})
+        n_errors = writer.n_errors
+        writer.finish()
+    finally:
+        writer.close()
+    sums = {}
+    for det, proc in procs.items():
+        n_summed = proc.sums.n_events          # read before take(), which resets it
+        sums[det] = (proc.sums.take(), n_summed)
+    return {"n_events": n, "n_errors": n_errors, "layout": layout, "sums": sums,
+            "first": first, "stop": stop}
+
+
+def write_run_file(writer: SmallDataWriter, out_path: Path, procs, parts: list[dict],
+                   attrs: dict) -> list[str]:
+    """Rank 0: the run file from the parts (per-event datasets as virtual datasets in
+    rank order, the sums added in rank order), marked complete; its dataset names."""
+    writer.end_swmr()                   # open again (closed while the ranks worked)
+    for det, proc in procs.items():
+        proc.sums.reset()
+        for p in parts:
+            part, n = p["sums"][det]
+            proc.sums.merge(part, n)
+    names = {}
+    for p in parts:
+        for name, (shape, dtype) in p["layout"].items():
+            names.setdefault(name, (tuple(shape[1:]), dtype))
+    with writer.writing():
+        if "errors" in writer.f:            # the parts' errors, as the rest
+            for name in list(writer.datasets):
+                if name.startswith("errors/"):
+                    del writer.datasets[name]
+            del writer.f["errors"]
+        for name, (row, dtype) in sorted(names.items()):
+            _virtual(writer.f, name, row, dtype, parts, out_path)
+    writer.n_events = sum(p["n_events"] for p in parts)
+    writer.n_errors = sum(p["n_errors"] for p in parts)
+    write_run_end(writer, procs, {**attrs, "n_errors": writer.n_errors})
+    datasets = []
+    writer.f.visititems(lambda name, obj: datasets.append(name) if hasattr(obj, "shape")
+                        else None)
+    writer.finish()
+    return datasets
+
+
+def _virtual(f: h5py.File, name: str, row: tuple, dtype: str, parts: list[dict],
+             out_path: Path):
+    """One per-event dataset over the parts, in rank order."""
+    sources = []
+    for r, p in enumerate(parts):
+        got = p["layout"].get(name)
+        if got is None:
+            if p["n_events"] or p["n_errors"]:
+                raise GpusmdError(f"{name}: not in the part of rank {r} (events "
+                                  f"{p['first']}-{p['stop'] - 1}), which has events")
+            continue
+        shape, part_dtype = tuple(got[0]), got[1]
+        if shape[1:] != row or part_dtype != dtype:
+            raise GpusmdError(f"{name}: {part_dtype} rows of {shape[1:]} in the part of rank "
+                              f"{r}, {dtype} rows of {row} in another")
+        if shape[0]:
+            sources.append((str(part_path(out_path, r).relative_to(out_path.parent)), shape))
+    total = sum(s[0] for _, s in sources)
+    layout = h5py.VirtualLayout(shape=(total, *row), dtype=np.dtype(dtype),
+                                maxshape=(total, *row))
+    at = 0
+    for path, shape in sources:
+        layout[at:at + shape[0]] = h5py.VirtualSource(path, name, shape=shape)
+        at += shape[0]
+    f.create_virtual_dataset(name, layout)
