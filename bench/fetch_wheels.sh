@@ -47,8 +47,9 @@ fi
 
 # what a GPU machine of the kind bench/gpu_check.sh is for lacks (its image has CuPy,
 # NumPy, SciPy, h5py, matplotlib, PyYAML, tqdm, msgpack and pytest): pyzmq for the
-# services, setuptools >= 64 to install the checkout, and small insurance wheels
-GPU_SET=(pyzmq "setuptools>=70.1" msgpack PyYAML tqdm)
+# services, plotly (and its narwhals) for the monitor's page, setuptools >= 64 to
+# install the checkout, and small insurance wheels
+GPU_SET=(pyzmq plotly narwhals packaging "setuptools>=70.1" msgpack PyYAML tqdm)
 
 if [ "$ALL" = 1 ]; then
     mapfile -t DEPS < <(python3 - <<'EOF'
