@@ -33,8 +33,17 @@ def cmd_convert(args):
 
 def cmd_dark(args):
     from .calib.dark import process_dark
-    consts = process_dark(args.dark, args.output, gain_path=args.gain, run_max=args.run_max,
-                          force=args.force)
+    if args.mpi:
+        from .mpi import RankShare, abort_on_failure, world
+        share = RankShare(world())
+        with abort_on_failure(share.comm, "dark"):
+            consts = process_dark(args.dark, args.output, gain_path=args.gain,
+                                  run_max=args.run_max, force=args.force, share=share)
+        if share.rank != 0:
+            return
+    else:
+        consts = process_dark(args.dark, args.output, gain_path=args.gain,
+                              run_max=args.run_max, force=args.force)
     for det, c in consts.items():
         bad = int((c.status != 0).any(axis=0).sum())
         print(f"{det}: {c.model.type}, {c.model.ngain} gain range(s), "
@@ -221,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-max", type=int, default=-1,
                    help="last run the constants are valid for (-1: every later run)")
     s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.add_argument("--mpi", action="store_true",
+                   help="one rank of an MPI job: the ranks share the run's events, rank 0 "
+                        "writes the constants")
     s.set_defaults(func=cmd_dark)
 
     s = sub.add_parser("replay", help="reduce a run into a small-data file")

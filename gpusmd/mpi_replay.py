@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,14 +38,9 @@ from .io.output import SmallDataWriter, check_new_output, run_output
 from .io.source import EventBatch, open_run
 from .replay import (ReplaySummary, build_processors, passthrough_names, process_batch,
                      provenance, write_run_end, write_user_data_cfg)
+from .mpi import (abort_on_failure, count_events, fail_all, local_rank, pick_device,
+                  rank_blocks, world)
 from .runinfo import RunInfo
-
-
-def rank_blocks(n_events: int, batch_size: int, size: int) -> list[tuple[int, int]]:
-    """[first, stop) of each rank: whole batches, as even as they can be, in order."""
-    n_batches = -(-n_events // batch_size)
-    edges = [min(n_events, (r * n_batches // size) * batch_size) for r in range(size + 1)]
-    return list(zip(edges[:-1], edges[1:]))
 
 
 def parts_dir(out_path: Path) -> Path:
@@ -57,59 +51,14 @@ def part_path(out_path: Path, rank: int) -> Path:
     return parts_dir(out_path) / f"part{rank:04d}.h5"
 
 
-def gpu_count() -> int:
-    """GPUs on this node without initialising CUDA here (which would fix the device)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
-
-
-def pick_device(local_rank: int, environ=os.environ, count=gpu_count) -> str | None:
-    """One GPU per rank on a node with several: CUDA_VISIBLE_DEVICES narrowed to the
-    rank's share (of the devices it lists, else of the node's), before CUDA starts. A
-    launcher that gave each rank one device already (SLURM --gpus-per-task) is left
-    alone. The device chosen, or None."""
-    visible = environ.get("CUDA_VISIBLE_DEVICES")
-    ids = ([v for v in visible.split(",") if v.strip()] if visible is not None
-           else [str(i) for i in range(count())])
-    if len(ids) <= 1:
-        return ids[0] if ids else None
-    environ["CUDA_VISIBLE_DEVICES"] = ids[local_rank % len(ids)]
-    return environ["CUDA_VISIBLE_DEVICES"]
-
-
-class RankFailed(GpusmdError):
-    pass
-
-
-def _fail_all(comm, rank: int, error: BaseException | None):
-    """Every rank's setup error (or None); raise the first on every rank."""
-    errors = comm.allgather(None if error is None else f"{type(error).__name__}: {error}"
-                            if not isinstance(error, GpusmdError) else str(error))
-    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
-    if bad:
-        r, e = bad[0]
-        raise RankFailed(f"rank {r} of {len(errors)}: {e}" if rank == 0 else "")
-
-
-def count_events(run, max_events: int | None) -> int:
-    n = run.n_events if run.n_events is not None else run.count_events()
-    return n if max_events is None else min(max_events, n)
-
-
 def replay_mpi(source, config: Config, out_path, backend_name: str | None = None,
                batch_size: int | None = None, max_events: int | None = None,
                force: bool = False, comm=None) -> ReplaySummary:
     """The MPI replay (see the module docstring); every rank calls it. Rank 0 returns the
     run file's summary, the others their part's."""
-    if comm is None:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
+    comm = comm or world()
     rank, size = comm.Get_rank(), comm.Get_size()
-    local = comm.Split_type(_shared_type(), key=rank).Get_rank()
-    device = pick_device(local)
+    device = pick_device(local_rank(comm))
     batch = batch_size or config.batch_size
     writer = run = None
     error = None
@@ -133,36 +82,29 @@ def replay_mpi(source, config: Config, out_path, backend_name: str | None = None
     except Exception as e:          # refused here: said by rank 0, no rank starts work
         error = e
     try:
-        _fail_all(comm, rank, error)
-        n_events = comm.bcast(count_events(run, max_events) if rank == 0 else None)
-        out_path = comm.bcast(out_path if rank == 0 else None)
-        if rank == 0:           # the run file, marked incomplete, closed until the end
-            writer = SmallDataWriter(out_path, config.compression, force=force)
-            write_user_data_cfg(writer, procs)
-            writer.close()
-        comm.Barrier()          # no rank starts before the run file is there and closed
-        first, stop = rank_blocks(n_events, batch, size)[rank]
-        # which process has which events: a launcher that reports a killed rank by its
-        # pid (mpich's "BAD TERMINATION ... PID") is read with this line
-        print(f"gpusmd replay --mpi: rank {rank} of {size} (pid {os.getpid()} on "
-              f"{socket.gethostname()}{', GPU ' + device if device else ''}): events "
-              f"{first}-{stop - 1} of {n_events} -> {part_path(out_path, rank)}",
-              file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        part = _reduce_block(run, procs, scalars, config, backend, batch, first, stop,
-                             part_path(out_path, rank), rank, size)
-        seconds = time.perf_counter() - t0
-    except RankFailed:
+        with abort_on_failure(comm, "replay"):
+            fail_all(comm, rank, error)
+            n_events = comm.bcast(count_events(run, max_events) if rank == 0 else None)
+            out_path = comm.bcast(out_path if rank == 0 else None)
+            if rank == 0:           # the run file, marked incomplete, closed until the end
+                writer = SmallDataWriter(out_path, config.compression, force=force)
+                write_user_data_cfg(writer, procs)
+                writer.close()
+            comm.Barrier()          # no rank starts before the run file is there and closed
+            first, stop = rank_blocks(n_events, batch, size)[rank]
+            # which process has which events: a launcher that reports a killed rank by its
+            # pid (mpich's "BAD TERMINATION ... PID") is read with this line
+            print(f"gpusmd replay --mpi: rank {rank} of {size} (pid {os.getpid()} on "
+                  f"{socket.gethostname()}{', GPU ' + device if device else ''}): events "
+                  f"{first}-{stop - 1} of {n_events} -> {part_path(out_path, rank)}",
+                  file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            part = _reduce_block(run, procs, scalars, config, backend, batch, first, stop,
+                                 part_path(out_path, rank), rank, size)
+            seconds = time.perf_counter() - t0
+    finally:
         if run is not None:
             run.__exit__(None, None, None)
-        raise
-    except BaseException as e:
-        where = f"rank {rank} of {size}"
-        print(f"gpusmd replay --mpi: {where} failed: {type(e).__name__}: {e}",
-              file=sys.stderr, flush=True)
-        comm.Abort(1)           # ends every rank; nothing after it runs
-        os._exit(1)
-    run.__exit__(None, None, None)
     part["host"], part["backend"], part["device"] = socket.gethostname(), backend.name, device
     part["seconds"] = seconds
     parts = comm.gather(part)
@@ -178,11 +120,6 @@ def replay_mpi(source, config: Config, out_path, backend_name: str | None = None
         writer.close()
     return ReplaySummary(out_path, sum(p["n_events"] for p in parts),
                          max(p["seconds"] for p in parts), backend.name, datasets)
-
-
-def _shared_type():
-    from mpi4py import MPI
-    return MPI.COMM_TYPE_SHARED
 
 
 def _reduce_block(run, procs, scalars, config, backend, batch, first, stop, path, rank, size):

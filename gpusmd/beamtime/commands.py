@@ -123,20 +123,40 @@ def cmd_cube(args):
     from .select import Selection
     if args.smd and args.smd[0] == "merge":
         return cmd_cube_merge(args)
-    if not args.bin:
-        raise GpusmdError("cube: give the binning, --bin NAME:EDGES (e.g. "
-                          "lightStatus/laser:0,1,2)")
-    _outputs_free(args.force, args.output)
-    bins = [parse_bin(b) for b in args.bin]
-    config = backend = None
-    if args.raw:
-        from ..config import load_config
-        if not args.config:
-            raise GpusmdError("--raw needs --config (the calibration of the frames)")
-        config = load_config(args.config)
-        backend = get_backend(args.backend, config=config.backend)
-    result = make_cube(args.smd, bins, Selection(args.filter), args.raw, config, args.keys,
-                       backend, args.batch_size, progress=not args.quiet)
+    share = None
+    if args.mpi:
+        from ..mpi import RankShare, world
+        share = RankShare(world())
+
+    def prepare():
+        if not args.bin:
+            raise GpusmdError("cube: give the binning, --bin NAME:EDGES (e.g. "
+                              "lightStatus/laser:0,1,2)")
+        if args.mpi and not args.raw:
+            raise GpusmdError("cube --mpi shares the frames of --raw runs among the ranks: "
+                              "without --raw there is nothing to share")
+        _outputs_free(args.force, args.output)
+        bins = [parse_bin(b) for b in args.bin]
+        config = backend = None
+        if args.raw:
+            from ..config import load_config
+            if not args.config:
+                raise GpusmdError("--raw needs --config (the calibration of the frames)")
+            config = load_config(args.config)
+            backend = get_backend(args.backend, config=config.backend)
+        return bins, config, backend
+
+    from ..mpi import abort_on_failure, said_once
+    bins, config, backend = said_once(share, prepare)
+    if share is None:
+        result = make_cube(args.smd, bins, Selection(args.filter), args.raw, config,
+                           args.keys, backend, args.batch_size, progress=not args.quiet)
+    else:
+        with abort_on_failure(share.comm, "cube"):
+            result = make_cube(args.smd, bins, Selection(args.filter), args.raw, config,
+                               args.keys, backend, args.batch_size, not args.quiet, share)
+        if share.rank != 0:
+            return
     path = write_cube(args.output, result, args.force)
     c = result["cube"]
     print(f"{result['attrs']['n_events']} of {c.n_selected} selected events in "
@@ -247,6 +267,9 @@ def add_commands(sub):
     s.add_argument("-o", "--output", required=True, help="cube file (HDF5)")
     _add_run_options(s)
     s.add_argument("--force", action="store_true", help="replace an existing output")
+    s.add_argument("--mpi", action="store_true",
+                   help="one rank of an MPI job: the ranks share the --raw runs' frames, "
+                        "rank 0 writes the cube")
     s.set_defaults(func=cmd_cube)
 
     s = sub.add_parser("plot", help="pictures of a small-data file: mean image with ROIs and "

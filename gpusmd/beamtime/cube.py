@@ -48,6 +48,7 @@ from ..config import Config
 from ..errors import GpusmdError
 from ..io.output import check_new_output, open_small_data, written_whole
 from ..io.source import open_run
+from ..mpi import count_events
 from .avimage import calibration_processors
 from .select import Selection
 
@@ -353,10 +354,12 @@ def _check_columns(names, f: h5py.File, path):
 
 def make_cube(smd_paths, bins, selection: Selection | None = None, raw_paths=None,
               config: Config | None = None, keys=None, backend: Backend | None = None,
-              batch_size: int | None = None, progress: bool = True) -> dict:
+              batch_size: int | None = None, progress: bool = True, share=None) -> dict:
     """The cube of the small-data files ``smd_paths`` (module docstring); ``raw_paths``
     (one per small-data file, with ``config``): also the calibrated frames per bin;
-    ``keys``: only the per-event datasets starting with one of these."""
+    ``keys``: only the per-event datasets starting with one of these. ``share``
+    (gpusmd.mpi.RankShare): one rank of an MPI job, which calibrates its block of each
+    raw run's events (see bin_frames); every rank gets the whole cube."""
     selection = selection or Selection()
     smd_paths = [Path(p) for p in smd_paths]
     raw_paths = list(raw_paths or [])
@@ -390,7 +393,7 @@ def make_cube(smd_paths, bins, selection: Selection | None = None, raw_paths=Non
         cube.counts += np.bincount(flat[flat >= 0], minlength=cube.n_bins)
         if raw_paths:
             for det, value in bin_frames(raw_paths[k], config, event_ids, flat, cube.n_bins,
-                                         backend, batch_size, progress).items():
+                                         backend, batch_size, progress, share).items():
                 CubeSums._add(images, det, value)
     return {"cube": cube, "images": images, "attrs": {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -402,9 +405,11 @@ def make_cube(smd_paths, bins, selection: Selection | None = None, raw_paths=Non
 
 
 def bin_frames(raw, config: Config, event_ids, flat, n_bins, backend=None, batch_size=None,
-               progress=True) -> dict[str, np.ndarray]:
+               progress=True, share=None) -> dict[str, np.ndarray]:
     """Sums per bin of the calibrated frames of the config's detectors, the events of the
-    raw run matched to the small-data file's by event id."""
+    raw run matched to the small-data file's by event id. ``share``: this MPI rank's
+    block of the run's events, then the ranks' sums added in rank order (the same
+    numbers run after run; they differ from one process's only in float64 rounding)."""
     backend = backend or get_backend(config=config.backend)
     xp = backend.xp
     wanted = dict(zip(np.asarray(event_ids).tolist(), np.asarray(flat).tolist()))
@@ -415,10 +420,11 @@ def bin_frames(raw, config: Config, event_ids, flat, n_bins, backend=None, batch
         procs = calibration_processors(config, run, dets, backend)
         sums = {det: xp.zeros((n_bins, *proc.model.shape), xp.float64)
                 for det, proc in procs.items()}
-        with tqdm(total=n_wanted, unit="ev", disable=not progress,
+        first, stop = (0, None) if share is None else share.block(count_events(run, None))
+        with tqdm(total=n_wanted, unit="ev", disable=not progress or first > 0,
                   desc=f"cube {Path(str(raw)).name}") as bar:
-            for b in run.batches(batch_size or config.batch_size, detectors=dets,
-                                 one_step=True):
+            for b in run.batches(batch_size or config.batch_size, stop, detectors=dets,
+                                 one_step=True, first=first):
                 where = np.array([wanted.get(int(e), -1) for e in b.event_id], np.int64)
                 take = where >= 0
                 if not take.any():
@@ -430,10 +436,14 @@ def bin_frames(raw, config: Config, event_ids, flat, n_bins, backend=None, batch
                         sums[det][int(bin_)] += calib[sel].sum(axis=0, dtype=xp.float64)
                 found += int(take.sum())
                 bar.update(int(take.sum()))
+    if share is not None:
+        sums = {det: share.sum_in_order(backend.to_host(s)) for det, s in sums.items()}
+        found = int(share.sum_exact(np.array([found], np.int64))[0])
     if found != n_wanted:
         raise GpusmdError(f"{raw}: holds {found} of the {n_wanted} binned events of the "
                           f"small-data file (is it the run the file was made of?)")
-    return {f"{det}/calib": backend.to_host(s) for det, s in sums.items()}
+    return {f"{det}/calib": s if share is not None else backend.to_host(s)
+            for det, s in sums.items()}
 
 
 def image_datasets(images: dict, counts: np.ndarray, shape) -> dict[str, np.ndarray]:

@@ -48,6 +48,7 @@ from ..errors import ConstantsError, RawFileError
 from ..io.h5 import open_h5
 from ..io.output import WriteError, check_new_output, written_whole
 from ..io.source import open_run
+from ..mpi import count_events
 from .constants import RUN_ANY, Constants
 
 RMS_HIGH, RMS_LOW, SATURATED, COLD, MEAN_HIGH, MEAN_LOW, BAD_GAIN, NO_DATA = (
@@ -107,13 +108,18 @@ class _Acc:
         return g
 
 
-def _accumulate(run, det: str, model: DetectorModel, batch: int, reject=None) -> _Acc:
-    """One pass over the run. reject: None or (pedestal, rms, k) per gain range (dicts)."""
+def _accumulate(run, det: str, model: DetectorModel, batch: int, reject=None,
+                share=None) -> _Acc:
+    """One pass over the run. reject: None or (pedestal, rms, k) per gain range (dicts).
+    share (gpusmd.mpi.RankShare): this rank's block of the run, then the sums of every
+    rank's, the same on every rank (the sums of integer ADC values are exact: the
+    constants are those of one process)."""
     acc = _Acc(model)
     npix = model.npix
     amax = adc_max(model)
     cbits = {}
-    for b in run.batches(batch, detectors=[det], one_step=True):
+    first, stop = (0, None) if share is None else share.block(count_events(run, None))
+    for b in run.batches(batch, stop, detectors=[det], one_step=True, first=first):
         if not len(b):
             continue
         raw = b.frames[det].reshape(len(b), npix)
@@ -148,6 +154,12 @@ def _accumulate(run, det: str, model: DetectorModel, batch: int, reject=None) ->
                 acc.ncold[g] += np.count_nonzero(sel & (adc <= 0), axis=0)
             acc.s1[g] += a.sum(0)
             acc.s2[g] += np.einsum("ij,ij->j", a, a)
+    if share is not None:
+        for g in share.union(acc.n):
+            acc._get(g)
+            for sums in (acc.n, acc.s1, acc.s2, acc.nsat, acc.ncold):
+                sums[g] = share.sum_exact(sums[g])
+        acc.ninvalid = share.sum_exact(acc.ninvalid)
     return acc
 
 
@@ -161,12 +173,13 @@ def _moments(acc: _Acc, g):
 
 def dark_constants(run, det: str, gain: np.ndarray | None = None, run_max: int = RUN_ANY,
                    outlier_sigma: float | None = None, nsigma: float = 6.0,
-                   batch_events: int | None = None) -> Constants:
-    """Constants of one detector of an open dark run (see the module docstring)."""
+                   batch_events: int | None = None, share=None) -> Constants:
+    """Constants of one detector of an open dark run (see the module docstring); share:
+    this MPI rank's part of the run (see _accumulate)."""
     model = run.detectors[det]
     npix, ngain = model.npix, model.ngain
     batch = batch_events or max(1, min(64, BATCH_VALUES // npix))
-    acc = _accumulate(run, det, model, batch)
+    acc = _accumulate(run, det, model, batch, share=share)
     missing = [model.gain_names[g] for g in required_gains(model)
                if g not in acc.n or not acc.n[g].any()]
     if missing:
@@ -181,7 +194,8 @@ def dark_constants(run, det: str, gain: np.ndarray | None = None, run_max: int =
         ped[g], rms[g] = _moments(acc, g)
         seen[g] = acc.n[g] > 0
     if outlier_sigma is not None:
-        acc2 = _accumulate(run, det, model, batch, reject=(ped, rms, float(outlier_sigma)))
+        acc2 = _accumulate(run, det, model, batch, reject=(ped, rms, float(outlier_sigma)),
+                           share=share)
         for g in acc2.n:
             m2, r2 = _moments(acc2, g)
             ok = acc2.n[g] > 0
@@ -249,19 +263,23 @@ def _load_gain(gain_path, det: str, model: DetectorModel) -> np.ndarray:
 
 def process_dark(source, out_path, detectors=None, gain_path=None, run_max: int = RUN_ANY,
                  outlier_sigma: float | None = None, nsigma: float = 6.0,
-                 force: bool = False) -> dict[str, Constants]:
+                 force: bool = False, share=None) -> dict[str, Constants]:
     """Constants of every (or the named) detector of a dark run (any source of
     gpusmd.io.source), written to ``out_path`` with ``Constants.save``; returns
     {det: Constants}. An existing ``out_path`` is refused (before the run is read) unless
     ``force``. The file is written under a temporary name in the same folder and renamed
-    when whole: a constants file is complete or absent (a full disk leaves none)."""
-    out_path = check_new_output(out_path, force)
-    if outlier_sigma is not None and not outlier_sigma > 0:
-        raise ValueError(f"outlier_sigma must be > 0, got {outlier_sigma}")
+    when whole: a constants file is complete or absent (a full disk leaves none).
+    share (gpusmd.mpi.RankShare): one rank of an MPI job, which reads its block of the
+    run; every rank gets the constants, rank 0 writes them; a refusal is said once."""
     out = {}
     wanted = None if detectors is None else (
         [detectors] if isinstance(detectors, str) else list(detectors))
-    with open_run(source, wanted) as run:
+    error = run = None
+    try:
+        out_path = check_new_output(out_path, force)
+        if outlier_sigma is not None and not outlier_sigma > 0:
+            raise ValueError(f"outlier_sigma must be > 0, got {outlier_sigma}")
+        run = open_run(source, wanted).__enter__()
         if run.n_events == 0:
             raise RawFileError(f"{run.source}: the dark run has no events")
         if not run.detectors:
@@ -273,8 +291,23 @@ def process_dark(source, out_path, detectors=None, gain_path=None, run_max: int 
                                f"(has: {', '.join(run.detectors)})")
         gains = {d: _load_gain(gain_path, d, run.detectors[d]) if gain_path else None
                  for d in names}
+    except Exception as e:
+        if share is None:
+            if run is not None:
+                run.__exit__(None, None, None)
+            raise
+        error = e
+    try:
+        if share is not None:
+            share.ok(error)
         for d in names:
-            out[d] = dark_constants(run, d, gains[d], run_max, outlier_sigma, nsigma)
+            out[d] = dark_constants(run, d, gains[d], run_max, outlier_sigma, nsigma,
+                                    share=share)
+    finally:
+        if run is not None:
+            run.__exit__(None, None, None)
+    if share is not None and share.rank != 0:
+        return out
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with written_whole(out_path) as part:

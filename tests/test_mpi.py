@@ -1,8 +1,10 @@
-"""``gpusmd replay --mpi`` under mpiexec (the mpich wheel's): three ranks give the file
-of a one-process replay, dataset by dataset (event ids, features, droplets, errors,
-the sums bit for bit), for a raw HDF5 run and the same run as psana XTC2; the run file's
-per-event datasets are virtual over the parts and read with plain h5py; a rank that
-fails or is killed ends the job, named, with no complete-looking run file."""
+"""The MPI commands under mpiexec (the mpich wheel's). ``replay --mpi``: three ranks give
+the file of a one-process replay, dataset by dataset (event ids, features, droplets,
+errors, the sums bit for bit), for a raw HDF5 run and the same run as psana XTC2; the
+run file's per-event datasets are virtual over the parts and read with plain h5py; a
+rank that fails or is killed ends the job, named, with no complete-looking run file.
+``dark --mpi`` gives the constants of one process bit for bit (raw and XTC2 dark runs);
+``cube --mpi`` the cube of one process (the images to float64 rounding)."""
 import os
 import re
 import shutil
@@ -12,13 +14,14 @@ import textwrap
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 
 from gpusmd.calib.dark import process_dark
-from gpusmd.io.compare import diff_files
+from gpusmd.io.compare import diff_files, read_datasets
 from gpusmd.io.output import is_complete, open_written
 from gpusmd.io.xtc2 import write_xtc2
-from gpusmd.mpi_replay import pick_device, rank_blocks
+from gpusmd.mpi import pick_device, rank_blocks
 from gpusmd.simulate import simulate_run
 
 DET = "jungfrau05M"
@@ -147,3 +150,42 @@ def test_a_failing_rank_ends_the_job(d, how):
     if out.exists():
         with open_written(out) as f:
             assert f.attrs["complete"] == 0 and "event_id" not in f
+
+
+@pytest.mark.parametrize("form", ["h5", "xtc2"])
+def test_dark_over_three_ranks(d, form):
+    source = d / f"dark.{form}"
+    if form == "xtc2":
+        write_xtc2(d / "dark.h5", source)
+    process_dark(source, d / f"dark_one_{form}.h5")
+    r = run(d, "dark", source, "-o", f"dark_mpi_{form}.h5", "--mpi")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert r.stdout.count("wrote") == 1                  # rank 0 writes and says so
+    assert diff_files(d / f"dark_one_{form}.h5", d / f"dark_mpi_{form}.h5") == []
+    again = run(d, "dark", source, "-o", f"dark_mpi_{form}.h5", "--mpi")
+    assert again.returncode == 2 and again.stderr.count("exists") == 1
+
+
+def test_cube_over_three_ranks(d):
+    one = d / "cube_smd.h5"
+    r = subprocess.run([sys.executable, "-m", "gpusmd", "replay", "run.h5", "--config",
+                        "run.yaml", "-o", one, "-q", "--backend", "cpu"], cwd=d,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    args = ["cube", one, "--bin", "lightStatus/xray:0,1,2", "--raw", "run.h5", "--config",
+            "run.yaml", "-q"]
+    r1 = subprocess.run([sys.executable, "-m", "gpusmd", *map(str, args), "-o", "cube_one.h5",
+                         "--backend", "cpu"], cwd=d, capture_output=True, text=True,
+                        timeout=120)
+    assert r1.returncode == 0, r1.stderr
+    r3 = run(d, *args, "-o", "cube_mpi.h5", "--mpi")
+    assert r3.returncode == 0, r3.stderr + r3.stdout
+    a, b = read_datasets(d / "cube_one.h5"), read_datasets(d / "cube_mpi.h5")
+    assert set(a) == set(b)
+    images = [k for k in a if f"{DET}/calib" in k]
+    assert images
+    for k in a:
+        if k in images:             # float64 sums added per rank: rounding only
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-12, atol=1e-9, err_msg=k)
+        else:                       # counts and the exact sums of the columns
+            np.testing.assert_array_equal(b[k], a[k], err_msg=k)
