@@ -14,7 +14,11 @@ from .errors import GpusmdError
 
 
 def world():
-    """MPI's COMM_WORLD (mpi4py: pip install mpi4py, and an MPI such as the mpich wheel)."""
+    """MPI's COMM_WORLD (mpi4py: pip install mpi4py, and an MPI such as the mpich wheel).
+    psana, imported later, is told to read serially: the ranks share the events
+    themselves (psana's own MPI mode would make its own roles of these ranks, and it
+    starts with a collective call at import)."""
+    os.environ["PS_PARALLEL"] = "none"
     try:
         from mpi4py import MPI
     except ImportError as e:
