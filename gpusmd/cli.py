@@ -358,6 +358,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (docker stop, the local launcher) unwinds like Ctrl-C: sockets and files close
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # and SIGINT is Ctrl-C even in a process started in the background by a shell, which
+    # starts it ignored (a launcher's or a test's SIGINT would do nothing)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     warnings.formatwarning = _format_warning
     try:
         args.func(args)

@@ -4,6 +4,8 @@ refusals said once, and sums over the ranks."""
 from __future__ import annotations
 
 import os
+import pickle
+import signal
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -88,6 +90,45 @@ def count_events(run, max_events: int | None) -> int:
     return n if max_events is None else min(max_events, n)
 
 
+def in_child(describe: str, work):
+    """``work()``'s result, computed in a forked process that this rank watches, so that
+    a rank whose work is killed (the kernel's OOM killer, a signal) is still there to
+    say which rank it was before the job ends: raises GpusmdError saying "``describe``:
+    ... killed by signal ..." then; an exception of ``work`` comes back as one too.
+    ``work`` must not call MPI (the child leaves through os._exit, never finalising it)
+    nor use a GPU context made before the fork."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                        # the child
+        os.close(read)
+        code = 0
+        try:
+            payload = ("ok", work())
+        except BaseException as e:
+            payload, code = ("error", f"{type(e).__name__}: {e}"), 1
+        try:
+            with os.fdopen(write, "wb") as f:
+                pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        raise GpusmdError(f"{describe}: its process {pid} was killed by signal {sig} "
+                          f"({signal.Signals(sig).name})")
+    try:
+        kind, value = pickle.loads(data)
+    except Exception:
+        raise GpusmdError(f"{describe}: its process {pid} ended (status "
+                          f"{os.waitstatus_to_exitcode(status)}) without a result") from None
+    if kind == "error":
+        raise GpusmdError(f"{describe}: {value}")
+    return value
+
+
 @contextmanager
 def abort_on_failure(comm, what: str):
     """A rank that fails inside says which rank it is and why, and ends the job (MPI
@@ -97,8 +138,9 @@ def abort_on_failure(comm, what: str):
     except RankFailed:
         raise
     except BaseException as e:
+        why = str(e) if isinstance(e, GpusmdError) else f"{type(e).__name__}: {e}"
         print(f"gpusmd {what} --mpi: rank {comm.Get_rank()} of {comm.Get_size()} failed: "
-              f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+              f"{why}", file=sys.stderr, flush=True)
         comm.Abort(1)           # ends every rank; nothing after it runs
         os._exit(1)
 

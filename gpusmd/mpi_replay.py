@@ -15,10 +15,12 @@ as any small-data file, as long as its parts directory stays beside it.
 
 Everything that can be refused is refused on every rank before any event is reduced;
 the first rank's reason is said by rank 0. Each rank then says which events it has
-(its pid, host and part file). A rank that fails later says which rank it is and why,
-and ends the job (MPI Abort); one killed outright is reported by the launcher (mpich:
-by its pid, which the rank's first line names), which ends the others. Either way the
-run file stays marked incomplete (``complete`` = 0, no per-event data)."""
+(its pid, host and part file). A rank that fails later says which rank it is, which
+events and why, and ends the job (MPI Abort). On the CPU the block is reduced in a
+child process the rank watches (gpusmd.mpi.in_child), so that work killed outright is
+named the same way; on a GPU, where a forked child cannot use the rank's CUDA context,
+a killed rank is reported by the launcher. Either way the run file stays marked
+incomplete (``complete`` = 0, no per-event data)."""
 from __future__ import annotations
 
 import os
@@ -38,8 +40,8 @@ from .io.output import SmallDataWriter, check_new_output, run_output
 from .io.source import EventBatch, open_run
 from .replay import (ReplaySummary, build_processors, passthrough_names, process_batch,
                      provenance, write_run_end, write_user_data_cfg)
-from .mpi import (abort_on_failure, count_events, fail_all, local_rank, pick_device,
-                  rank_blocks, world)
+from .mpi import (abort_on_failure, count_events, fail_all, in_child, local_rank,
+                  pick_device, rank_blocks, world)
 from .runinfo import RunInfo
 
 
@@ -99,8 +101,14 @@ def replay_mpi(source, config: Config, out_path, backend_name: str | None = None
                   f"{first}-{stop - 1} of {n_events} -> {part_path(out_path, rank)}",
                   file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            part = _reduce_block(run, procs, scalars, config, backend, batch, first, stop,
-                                 part_path(out_path, rank), rank, size)
+
+            def work():
+                return _reduce_block(run, procs, scalars, config, backend, batch, first,
+                                     stop, part_path(out_path, rank), rank, size)
+            # on the CPU the block is reduced in a child this rank watches: a killed one
+            # is named here (a GPU context made here would not work in a forked child)
+            part = (work() if backend.is_gpu else
+                    in_child(f"events {first}-{stop - 1} (pid {os.getpid()})", work))
             seconds = time.perf_counter() - t0
     finally:
         if run is not None:
