@@ -37,9 +37,9 @@ from .backend import get_backend
 from .config import Config
 from .errors import GpusmdError
 from .io.output import SmallDataWriter, check_new_output, run_output
-from .io.source import EventBatch, open_run
-from .replay import (ReplaySummary, build_processors, passthrough_names, process_batch,
-                     provenance, write_run_end, write_user_data_cfg)
+from .io.source import open_run
+from .replay import (ReplaySummary, build_processors, passthrough_names, provenance,
+                     reduce_events, write_run_end, write_user_data_cfg)
 from .mpi import (abort_on_failure, count_events, fail_all, in_child, local_rank,
                   pick_device, rank_blocks, world)
 from .runinfo import RunInfo
@@ -132,20 +132,11 @@ def replay_mpi(source, config: Config, out_path, backend_name: str | None = None
 
 def _reduce_block(run, procs, scalars, config, backend, batch, first, stop, path, rank, size):
     """One rank's events [first, stop) into its part file; what rank 0 needs of it."""
-    from .gpu_pipeline import stream_batches
     writer = SmallDataWriter(path, config.compression, force=True)
     n = 0
     try:
-        def consume(b: EventBatch, frames):
-            nonlocal n
-            if b.errors:
-                writer.add_errors(b.errors)
-            if len(b):
-                writer.append(process_batch(procs, b, scalars, config, frames))
-            n += len(b)
         if stop > first:
-            stream_batches(procs, ((b, b.frames) for b in run.batches(
-                batch, stop, detectors=list(procs), first=first)), batch, backend, consume)
+            n = reduce_events(writer, run, procs, scalars, config, backend, batch, stop, first)
         layout = {}
         writer.f.visititems(lambda name, obj: layout.__setitem__(
             name, (obj.shape, obj.dtype.str)) if isinstance(obj, h5py.Dataset) else None)

@@ -146,6 +146,30 @@ def write_run_end(writer: SmallDataWriter, procs, attrs: dict):
     writer.set_attrs(attrs)
 
 
+def reduce_events(writer: SmallDataWriter, run, procs, scalars, config: Config,
+                  backend: Backend, batch: int, stop: int | None = None, first: int = 0,
+                  on_batch=None) -> int:
+    """The run's events ``first`` to ``stop`` (the end when None) reduced and appended to
+    ``writer``, their errors recorded; the number of events read. ``on_batch(n)`` after
+    each batch of n events."""
+    from .gpu_pipeline import stream_batches
+    n = 0
+
+    def consume(b: EventBatch, frames):
+        nonlocal n
+        if b.errors:
+            writer.add_errors(b.errors)
+        if len(b):
+            writer.append(process_batch(procs, b, scalars, config, frames))
+        n += len(b)
+        if on_batch is not None:
+            on_batch(len(b))
+    # on a GPU, batch k+1 crosses the bus while k is processed
+    stream_batches(procs, ((b, b.frames) for b in run.batches(
+        batch, stop, detectors=list(procs), first=first)), batch, backend, consume)
+    return n
+
+
 def replay(source, config: Config, out_path, backend: Backend | None = None,
            batch_size: int | None = None, progress: bool = True,
            max_events: int | None = None, force: bool = False) -> ReplaySummary:
@@ -167,22 +191,11 @@ def replay(source, config: Config, out_path, backend: Backend | None = None,
         out_path.parent.mkdir(parents=True, exist_ok=True)
         writer = SmallDataWriter(out_path, config.compression, force=force)
         t0 = time.perf_counter()
-        n = 0
         try:
             write_user_data_cfg(writer, procs)
             with tqdm(total=total, unit="ev", disable=not progress, desc=out_path.name) as bar:
-                def consume(b: EventBatch, frames):
-                    nonlocal n
-                    if b.errors:
-                        writer.add_errors(b.errors)
-                    if len(b):
-                        writer.append(process_batch(procs, b, scalars, config, frames))
-                    n += len(b)
-                    bar.update(len(b))
-                from .gpu_pipeline import stream_batches
-                # on a GPU, batch k+1 crosses the bus while k is processed
-                stream_batches(procs, ((b, b.frames) for b in run.batches(
-                    batch, max_events, detectors=list(procs))), batch, backend, consume)
+                n = reduce_events(writer, run, procs, scalars, config, backend, batch,
+                                  max_events, on_batch=bar.update)
             seconds = time.perf_counter() - t0
             write_run_end(writer, procs, {**provenance(config, backend.name, run.source,
                                                        info.experiment, run.run),
