@@ -159,17 +159,34 @@ class DetectorProcessor:
 
     def calibrate(self, raw, step: int = 0):
         """Raw frames (B, *shape) -> (calibrated frames on the backend, per-event
-        common-mode statistics {"corrected", "skipped"}: empty without a common mode)."""
+        common-mode statistics {"corrected", "skipped"}: empty without a common mode).
+        On the CPU frame by frame, into the batch's output: the frame-sized arrays of one
+        frame stay in the caches, where those of a batch do not (the same numbers; a
+        batch of 8 was 1.5-2.5x slower per frame than frames one at a time)."""
+        if self.backend.is_gpu or self.raw_output or len(raw) <= 1:
+            return self._calibrate(raw, step)
+        calib = np.empty(raw.shape, np.float32)
+        stats: dict = {}
+        for i in range(len(raw)):
+            _, one = self._calibrate(raw[i:i + 1], step, calib[i:i + 1])
+            for key, value in one.items():
+                stats.setdefault(key, []).append(np.atleast_1d(value))
+        return calib, {key: np.concatenate(parts) for key, parts in stats.items()}
+
+    def _calibrate(self, raw, step: int = 0, out=None):
         if self.raw_output:
             return raw_frames(self.model, self.backend.xp.asarray(raw), self.cm_code,
                               self.backend.xp), {}
         if self.common_mode is None:
-            return self.calibrator(raw, step), {}
+            return self.calibrator(raw, step, out), {}
         if self.common_mode.fused:         # mode 7 on a GPU: one pass over the raw frames
             return self.calibrator.with_common_mode(raw, step, self.common_mode)
         adu, scale, good = self.calibrator.split(raw, step)
         stats = self.common_mode(adu, good)
-        return (adu * scale).reshape(raw.shape), stats
+        if out is None:
+            return (adu * scale).reshape(raw.shape), stats
+        np.multiply(adu, scale, out=out.reshape(adu.shape))
+        return out, stats
 
     def process(self, raw: np.ndarray, step: int = 0) -> dict[str, np.ndarray]:
         """Raw frames (B, *shape) of one config step -> {"<func>_<field>": (B, ...)}."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import Backend
-from ..detectors import DetectorModel
+from ..detectors import ADC_MASK, DetectorModel
 from .constants import Constants
 
 # family codes shared with kernels/calibrate.cu
@@ -135,13 +135,20 @@ def switched(raw, nstate: int, xp=np):
     return ev, pix, state
 
 
-def calibrate_switch(raw, ped, scale, model: DetectorModel, xp=np):
-    """The CPU pass: same numbers as calibrate_reference, from switch_tables."""
-    adc = model.adc(raw, xp)
-    out = (adc - ped[0]) * scale[0]
+def calibrate_switch(raw, ped, scale, model: DetectorModel, xp=np, out=None):
+    """The CPU pass: same numbers as calibrate_reference, from switch_tables, written
+    into ``out`` (B, npix) float32 where given (else a new array), in place: no
+    temporary of the frames' size but the ADC values."""
+    if out is None:
+        out = xp.empty(raw.shape, xp.float32)
+    out[...] = (raw & ADC_MASK) if model.multigain else raw
     if ped.shape[0] > 1:
         ev, pix, state = switched(raw, ped.shape[0], xp)
-        out[ev, pix] = (adc[ev, pix] - ped[state, pix]) * scale[state, pix]
+        fixed = (out[ev, pix] - ped[state, pix]) * scale[state, pix]
+    xp.subtract(out, ped[0], out=out)
+    xp.multiply(out, scale[0], out=out)
+    if ped.shape[0] > 1:
+        out[ev, pix] = fixed
     return out
 
 
@@ -195,19 +202,21 @@ class Calibrator:
             raise ValueError(f"{self.model.type}: no control bits for config step {step}")
         return cb
 
-    def __call__(self, raw, step: int = 0):
-        """raw: (B, *shape) on the host or the device -> (B, *shape) float32 on the backend."""
+    def __call__(self, raw, step: int = 0, out=None):
+        """raw: (B, *shape) on the host or the device -> (B, *shape) float32 on the backend
+        (on the CPU written into ``out`` where given)."""
         xp = self.backend.xp
         raw = xp.asarray(raw)
         flat = raw.reshape(raw.shape[0], -1)
         cb = self.control_bits(step)
         if self.backend.is_gpu:
             from ..cuda import calibrate_gpu
-            out = calibrate_gpu(flat, cb, self.lut, self.family)
+            result = calibrate_gpu(flat, cb, self.lut, self.family)
         else:
             ped, scale, _ = self.tables(step)
-            out = calibrate_switch(flat, ped, scale, self.model, xp)
-        return out.reshape(raw.shape)
+            result = calibrate_switch(flat, ped, scale, self.model, xp,
+                                      None if out is None else out.reshape(flat.shape))
+        return result.reshape(raw.shape)
 
     def tables(self, step: int):
         """The switch tables of a config step, on the backend (built once)."""
