@@ -97,8 +97,7 @@ def mode4(adu, good, cmpars, ctx: ModeContext) -> dict:
 def frames(model) -> Groups:
     """One group per segment: the whole frame of the epix100."""
     nseg, rows, cols = model.seg_shape
-    return Groups("frame", (np.arange(nseg) * rows * cols).astype(np.int64), 1, 0,
-                  rows * cols, 1)
+    return Groups.on_lattice("frame", ((nseg, rows * cols),), 1, 0, rows * cols, 1)
 
 
 def neighbours4(mask, model, xp=np):

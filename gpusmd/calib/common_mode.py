@@ -35,6 +35,12 @@ from ..detectors import DetectorModel
 INF = float("inf")
 
 
+def lattice_starts(lattice) -> np.ndarray:
+    """The flat starts of a lattice ((count, stride), ...), the last step fastest."""
+    steps = [np.arange(n, dtype=np.int64) * stride for n, stride in lattice]
+    return sum(np.meshgrid(*steps, indexing="ij")).ravel().astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Groups:
     """Groups of pixels of one frame: group g holds the flat pixels
@@ -59,6 +65,36 @@ class Groups:
         """(ngroups, size) flat pixel indices."""
         return self.starts[:, None] + self.offsets()[None, :]
 
+    # the starts as a product of steps ((count, stride), ...) in the starts' order, where
+    # they are one (made by ``on_lattice``): the groups are then a strided view of a frame
+    lattice: tuple | None = None
+
+    def __post_init__(self):
+        # a lattice that does not give the starts (groups made from others, e.g. by
+        # dataclasses.replace) is dropped: such groups are gathered by index
+        if self.lattice is not None and not np.array_equal(lattice_starts(self.lattice),
+                                                           self.starts):
+            object.__setattr__(self, "lattice", None)
+
+    @classmethod
+    def on_lattice(cls, name: str, lattice, n_outer: int, outer_stride: int, n_inner: int,
+                   inner_stride: int = 1) -> "Groups":
+        lattice = tuple((int(n), int(stride)) for n, stride in lattice)
+        return cls(name, lattice_starts(lattice), n_outer, outer_stride, n_inner,
+                   inner_stride, lattice)
+
+    def view(self, frames: np.ndarray) -> np.ndarray | None:
+        """(B, *lattice counts, n_outer, n_inner) view of frames (B, npix) (C-ordered
+        NumPy), writable, in the order of ``index()``; None where there is no lattice."""
+        if (self.lattice is None or not isinstance(frames, np.ndarray)
+                or not frames.flags.c_contiguous):
+            return None
+        item = frames.itemsize
+        shape = (frames.shape[0], *(n for n, _ in self.lattice), self.n_outer, self.n_inner)
+        strides = (frames.strides[0], *(st * item for _, st in self.lattice),
+                   self.outer_stride * item, self.inner_stride * item)
+        return np.lib.stride_tricks.as_strided(frames, shape, strides)
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -82,9 +118,14 @@ class Rule:
 def group_correct(adu, good, groups: Groups, rule: Rule, xp=np):
     """Correct adu (B, npix) float32 in place, group by group; returns the correction
     per group (B, ngroups), 0 where the group was skipped, and the applied flags."""
-    idx = xp.asarray(groups.index())
-    values = adu[:, idx]                                    # (B, G, n)
-    vote = good[:, idx] & (values > rule.lo) & (values < rule.hi)
+    view, good_view = groups.view(adu), groups.view(good)
+    if view is not None and good_view is not None:     # strided copies, no index arrays
+        values = view.reshape(len(adu), -1, groups.size)
+        in_group = good_view.reshape(values.shape)
+    else:
+        idx = xp.asarray(groups.index())
+        values, in_group = adu[:, idx], good[:, idx]        # (B, G, n)
+    vote = in_group & (values > rule.lo) & (values < rule.hi)
     count = vote.sum(axis=-1)
     if rule.stat == "median":
         stat = masked_median(values, vote, count, xp)
@@ -95,8 +136,12 @@ def group_correct(adu, good, groups: Groups, rule: Rule, xp=np):
     applied = ((count >= max(rule.min_count, 1)) & (count >= rule.min_fraction * groups.size)
                & ~big & xp.isfinite(stat))
     cm = xp.where(applied, stat, xp.float32(0))
-    target = good[:, idx] if rule.apply_to == "good" else xp.ones_like(vote)
-    adu[:, idx] = values - cm[..., None] * target
+    target = in_group if rule.apply_to == "good" else xp.ones_like(vote)
+    corrected = values - cm[..., None] * target
+    if view is not None and good_view is not None:
+        view[...] = corrected.reshape(view.shape)
+    else:
+        adu[:, idx] = corrected
     return cm, applied
 
 
@@ -127,26 +172,24 @@ def bank_shape(model: DetectorModel) -> tuple[int, int]:
 def banks(model: DetectorModel) -> Groups:
     nseg, rows, cols = model.seg_shape
     br, bc = bank_shape(model)
-    s, r, c = np.meshgrid(np.arange(nseg), np.arange(0, rows, br), np.arange(0, cols, bc),
-                          indexing="ij")
-    starts = (s * rows * cols + r * cols + c).ravel()
-    return Groups("bank", starts.astype(np.int64), br, cols, bc, 1)
+    return Groups.on_lattice("bank", ((nseg, rows * cols), (-(-rows // br), br * cols),
+                                      (-(-cols // bc), bc)), br, cols, bc, 1)
 
 
 def bank_rows(model: DetectorModel) -> Groups:
     """Each row of each bank (48 / 64 / 96 pixels)."""
     nseg, rows, cols = model.seg_shape
     _, bc = bank_shape(model)
-    s, r, c = np.meshgrid(np.arange(nseg), np.arange(rows), np.arange(0, cols, bc), indexing="ij")
-    return Groups("row", (s * rows * cols + r * cols + c).ravel().astype(np.int64), 1, 0, bc, 1)
+    return Groups.on_lattice("row", ((nseg, rows * cols), (rows, cols), (-(-cols // bc), bc)),
+                             1, 0, bc, 1)
 
 
 def half_columns(model: DetectorModel) -> Groups:
     """Each column of each half panel (176 / 256 / 352 pixels)."""
     nseg, rows, cols = model.seg_shape
     br, _ = bank_shape(model)
-    s, r, c = np.meshgrid(np.arange(nseg), np.arange(0, rows, br), np.arange(cols), indexing="ij")
-    return Groups("column", (s * rows * cols + r * cols + c).ravel().astype(np.int64), br, cols, 1, 1)
+    return Groups.on_lattice("column", ((nseg, rows * cols), (-(-rows // br), br * cols),
+                                        (cols, 1)), br, cols, 1, 1)
 
 
 def chunks(model: DetectorModel, size: int) -> Groups:
@@ -154,8 +197,7 @@ def chunks(model: DetectorModel, size: int) -> Groups:
     segment is left alone)."""
     nseg, rows, cols = model.seg_shape
     per_seg = rows * cols // size
-    s, k = np.meshgrid(np.arange(nseg), np.arange(per_seg), indexing="ij")
-    return Groups("chunk", (s * rows * cols + k * size).ravel().astype(np.int64), 1, 0, size, 1)
+    return Groups.on_lattice("chunk", ((nseg, rows * cols), (per_seg, size)), 1, 0, size, 1)
 
 
 # ---- the modes ------------------------------------------------------------------------------
