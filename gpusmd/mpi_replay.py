@@ -15,12 +15,12 @@ as any small-data file, as long as its parts directory stays beside it.
 
 Everything that can be refused is refused on every rank before any event is reduced;
 the first rank's reason is said by rank 0. Each rank then says which events it has
-(its pid, host and part file). A rank that fails later says which rank it is, which
-events and why, and ends the job (MPI Abort). On the CPU the block is reduced in a
-child process the rank watches (gpusmd.mpi.in_child), so that work killed outright is
-named the same way; on a GPU, where a forked child cannot use the rank's CUDA context,
-a killed rank is reported by the launcher. Either way the run file stays marked
-incomplete (``complete`` = 0, no per-event data)."""
+(its pid, host and part file). A block that fails is said by rank 0 (which rank,
+which events, why) once every rank is done, and every rank exits with an error. On the
+CPU the block is reduced in a child process the rank watches (gpusmd.mpi.in_child), so
+that work killed outright is named the same way; on a GPU, where a forked child cannot
+use the rank's CUDA context, a killed rank is reported by the launcher. Either way the
+run file stays marked incomplete (``complete`` = 0, no per-event data)."""
 from __future__ import annotations
 
 import os
@@ -40,8 +40,8 @@ from .io.output import SmallDataWriter, check_new_output, run_output
 from .io.source import open_run
 from .replay import (ReplaySummary, build_processors, passthrough_names, provenance,
                      reduce_events, write_run_end, write_user_data_cfg)
-from .mpi import (abort_on_failure, count_events, fail_all, in_child, local_rank,
-                  pick_device, rank_blocks, world)
+from .mpi import (RankFailed, abort_on_failure, count_events, fail_all, in_child,
+                  local_rank, pick_device, rank_blocks, world)
 from .runinfo import RunInfo
 
 
@@ -106,16 +106,26 @@ def replay_mpi(source, config: Config, out_path, backend_name: str | None = None
                 return _reduce_block(run, procs, scalars, config, backend, batch, first,
                                      stop, part_path(out_path, rank), rank, size)
             # on the CPU the block is reduced in a child this rank watches: a killed one
-            # is named here (a GPU context made here would not work in a forked child)
-            part = (work() if backend.is_gpu else
-                    in_child(f"events {first}-{stop - 1} (pid {os.getpid()})", work))
+            # is named here (a GPU context made here would not work in a forked child).
+            # A failed block is said by rank 0 with the others' (an MPI Abort can cut
+            # off what the failing rank printed last)
+            where = f"events {first}-{stop - 1} (pid {os.getpid()})"
+            try:
+                part = work() if backend.is_gpu else in_child(where, work)
+            except Exception as e:
+                part = {"error": str(e) if isinstance(e, GpusmdError) else
+                        f"{where}: {type(e).__name__}: {e}"}
             seconds = time.perf_counter() - t0
     finally:
         if run is not None:
             run.__exit__(None, None, None)
-    part["host"], part["backend"], part["device"] = socket.gethostname(), backend.name, device
-    part["seconds"] = seconds
+    part.update(host=socket.gethostname(), backend=backend.name, device=device,
+                seconds=seconds)
     parts = comm.gather(part)
+    failed = comm.bcast([f"rank {r} of {size} failed: {p['error']}"
+                         for r, p in enumerate(parts) if "error" in p] if rank == 0 else None)
+    if failed:                  # no run file completed; rank 0 says why, the others exit
+        raise RankFailed("\n".join(failed) if rank == 0 else "")
     if rank != 0:
         return ReplaySummary(part_path(out_path, rank), part["n_events"], seconds, backend.name)
     try:
