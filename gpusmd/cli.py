@@ -33,17 +33,13 @@ def cmd_convert(args):
 
 def cmd_dark(args):
     from .calib.dark import process_dark
-    if args.mpi:
-        from .mpi import RankShare, abort_on_failure, world
-        share = RankShare(world())
-        with abort_on_failure(share.comm, "dark"):
-            consts = process_dark(args.dark, args.output, gain_path=args.gain,
-                                  run_max=args.run_max, force=args.force, share=share)
-        if share.rank != 0:
-            return
-    else:
+    from .mpi import rank_share, ranked
+    share = rank_share(args.mpi)
+    with ranked(share, "dark"):
         consts = process_dark(args.dark, args.output, gain_path=args.gain,
-                              run_max=args.run_max, force=args.force)
+                              run_max=args.run_max, force=args.force, share=share)
+    if share is not None and share.rank != 0:
+        return
     for det, c in consts.items():
         bad = int((c.status != 0).any(axis=0).sum())
         print(f"{det}: {c.model.type}, {c.model.ngain} gain range(s), "

@@ -8,7 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -184,6 +184,16 @@ class RankShare:
     def ok(self, error: BaseException | None):
         """After a step that can be refused: raise on every rank when any rank failed."""
         fail_all(self.comm, self.rank, error)
+
+
+def rank_share(mpi: bool) -> RankShare | None:
+    """This process's share of an MPI job (``--mpi``), or None."""
+    return RankShare(world()) if mpi else None
+
+
+def ranked(share: RankShare | None, what: str):
+    """abort_on_failure for a rank of an MPI job; nothing without one."""
+    return nullcontext() if share is None else abort_on_failure(share.comm, what)
 
 
 def said_once(share: RankShare | None, step):

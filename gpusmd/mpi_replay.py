@@ -40,8 +40,8 @@ from .io.output import SmallDataWriter, check_new_output, run_output
 from .io.source import open_run
 from .replay import (ReplaySummary, build_processors, passthrough_names, provenance,
                      reduce_events, write_run_end, write_user_data_cfg)
-from .mpi import (RankFailed, abort_on_failure, count_events, fail_all, in_child,
-                  local_rank, pick_device, rank_blocks, world)
+from .mpi import (RankFailed, RankShare, abort_on_failure, count_events, in_child,
+                  local_rank, pick_device, said_once, world)
 from .runinfo import RunInfo
 
 
@@ -58,34 +58,39 @@ def replay_mpi(source, config: Config, out_path, backend_name: str | None = None
                force: bool = False, comm=None) -> ReplaySummary:
     """The MPI replay (see the module docstring); every rank calls it. Rank 0 returns the
     run file's summary, the others their part's."""
-    comm = comm or world()
-    rank, size = comm.Get_rank(), comm.Get_size()
+    share = RankShare(comm or world(), batch_size or config.batch_size)
+    comm, rank, size, batch = share.comm, share.rank, share.size, share.batch_size
     device = pick_device(local_rank(comm))
-    batch = batch_size or config.batch_size
-    writer = run = None
-    error = None
-    try:
+    writer = None
+
+    def prepare():
+        """Everything that can be refused, before any rank starts work."""
         backend = get_backend(backend_name, config=config.backend)
         run = open_run(source, list(config.detectors)).__enter__()
-        info = RunInfo.from_run(run, detectors=[d for d in config.detectors if d in run.detectors],
-                                experiment=config.experiment)
-        out_path = run_output(out_path, info.experiment, info.run)
-        procs = build_processors(config, info, backend)
-        scalars = passthrough_names(config, run)
-        if rank == 0:
-            out_path = check_new_output(out_path, force)
-            parts = parts_dir(out_path)
-            if parts.exists():
-                if not force:
-                    raise GpusmdError(f"{parts} exists (the parts of an earlier run file; "
-                                      f"never replaced unless --force)")
-                shutil.rmtree(parts)
-            parts.mkdir(parents=True)
-    except Exception as e:          # refused here: said by rank 0, no rank starts work
-        error = e
+        try:
+            info = RunInfo.from_run(run, detectors=[d for d in config.detectors
+                                                    if d in run.detectors],
+                                    experiment=config.experiment)
+            path = run_output(out_path, info.experiment, info.run)
+            procs = build_processors(config, info, backend)
+            scalars = passthrough_names(config, run)
+            if rank == 0:
+                path = check_new_output(path, force)
+                parts = parts_dir(path)
+                if parts.exists():
+                    if not force:
+                        raise GpusmdError(f"{parts} exists (the parts of an earlier run "
+                                          f"file; never replaced unless --force)")
+                    shutil.rmtree(parts)
+                parts.mkdir(parents=True)
+        except BaseException:
+            run.__exit__(None, None, None)
+            raise
+        return backend, run, info, path, procs, scalars
+
+    backend, run, info, out_path, procs, scalars = said_once(share, prepare)
     try:
         with abort_on_failure(comm, "replay"):
-            fail_all(comm, rank, error)
             n_events = comm.bcast(count_events(run, max_events) if rank == 0 else None)
             out_path = comm.bcast(out_path if rank == 0 else None)
             if rank == 0:           # the run file, marked incomplete, closed until the end
@@ -93,7 +98,7 @@ def replay_mpi(source, config: Config, out_path, backend_name: str | None = None
                 write_user_data_cfg(writer, procs)
                 writer.close()
             comm.Barrier()          # no rank starts before the run file is there and closed
-            first, stop = rank_blocks(n_events, batch, size)[rank]
+            first, stop = share.block(n_events)
             # which process has which events: a launcher that reports a killed rank by its
             # pid (mpich's "BAD TERMINATION ... PID") is read with this line
             print(f"gpusmd replay --mpi: rank {rank} of {size} (pid {os.getpid()} on "
@@ -117,8 +122,7 @@ def replay_mpi(source, config: Config, out_path, backend_name: str | None = None
                         f"{where}: {type(e).__name__}: {e}"}
             seconds = time.perf_counter() - t0
     finally:
-        if run is not None:
-            run.__exit__(None, None, None)
+        run.__exit__(None, None, None)
     part.update(host=socket.gethostname(), backend=backend.name, device=device,
                 seconds=seconds)
     parts = comm.gather(part)

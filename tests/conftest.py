@@ -53,6 +53,15 @@ def wait_for(condition, what: str, timeout: float = 30):
         time.sleep(0.05)
 
 
+def dark_and_run(d, det: str, n_events: int, dark_events: int = 5):
+    """d/dark.h5 (run 1), d/run.h5 (run 2, ``n_events``) of a simulated ``det`` and
+    d/constants.h5 from the dark."""
+    from gpusmd.calib.dark import process_dark
+    simulate_run(d / "dark.h5", det, n_events=dark_events, dark=True, run=1)
+    simulate_run(d / "run.h5", det, n_events=n_events, run=2)
+    process_dark(d / "dark.h5", d / "constants.h5")
+
+
 def replay_reference(d, out="reference.h5"):
     """d/<out>: the in-process replay (CPU) of d/run.h5 with d/run.yaml, what the files of
     the services are compared with."""

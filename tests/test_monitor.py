@@ -17,14 +17,12 @@ import numpy as np
 import pytest
 import zmq
 
-from gpusmd.calib.dark import process_dark
 from gpusmd.monitor import Monitor, MonitorState
 from gpusmd.services.local import LocalServices, free_port
 from gpusmd.services.preview import PREVIEW_HWM, Preview
 from gpusmd.services.protocol import encode
-from gpusmd.simulate import simulate_run
 
-from conftest import publish_in_thread, wait_for
+from conftest import dark_and_run, publish_in_thread, wait_for
 
 DET = "jungfrau05M"
 N_EVENTS = 24
@@ -258,9 +256,7 @@ CONFIG = f"""\
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("monitor")
-    simulate_run(d / "dark.h5", DET, n_events=5, dark=True, run=1)
-    simulate_run(d / "run.h5", DET, n_events=N_EVENTS, run=2)
-    process_dark(d / "dark.h5", d / "constants.h5")
+    dark_and_run(d, DET, N_EVENTS)
     port = free_port()
     (d / "run.yaml").write_text(textwrap.dedent(CONFIG) % {"port": port})
     return d, f"tcp://127.0.0.1:{port}"

@@ -21,7 +21,8 @@ from gpusmd.io.compare import diff_files, read_datasets
 from gpusmd.io.output import is_complete, open_written
 from gpusmd.io.xtc2 import write_xtc2
 from gpusmd.mpi import pick_device, rank_blocks
-from gpusmd.simulate import simulate_run
+
+from conftest import dark_and_run
 
 DET = "jungfrau05M"
 N_EVENTS = 14
@@ -83,9 +84,7 @@ def run(d, *args, n=3, timeout=180):
 @pytest.fixture(scope="module")
 def d(tmp_path_factory):
     d = tmp_path_factory.mktemp("mpi")
-    simulate_run(d / "dark.h5", DET, n_events=4, dark=True, run=1)
-    simulate_run(d / "run.h5", DET, n_events=N_EVENTS, run=2)
-    process_dark(d / "dark.h5", d / "constants.h5")
+    dark_and_run(d, DET, N_EVENTS, dark_events=4)
     (d / "run.yaml").write_text(textwrap.dedent(CONFIG))
     (d / "mpifault.py").write_text(FAULT)
     return d

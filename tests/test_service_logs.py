@@ -15,16 +15,14 @@ import numpy as np
 import pytest
 
 from gpusmd.backend import get_backend
-from gpusmd.calib.dark import process_dark
 from gpusmd.config import load_config
 from gpusmd.io.output import is_complete
 from gpusmd.services.local import PACKAGE_ROOT, RUN_CLI, LocalServices, free_port
 from gpusmd.services.metrics import Metrics, RunProgress
 from gpusmd.services.run import RunBar
 from gpusmd.services.worker import Worker
-from gpusmd.simulate import simulate_run
 
-from conftest import publish_in_thread, wait_for
+from conftest import dark_and_run, publish_in_thread, wait_for
 
 DET = "jungfrau05M"
 N_EVENTS = 24
@@ -47,9 +45,7 @@ CONFIG = f"""\
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("service_logs")
-    simulate_run(d / "dark.h5", DET, n_events=5, dark=True, run=1)
-    simulate_run(d / "run.h5", DET, n_events=N_EVENTS, run=2)
-    process_dark(d / "dark.h5", d / "constants.h5")
+    dark_and_run(d, DET, N_EVENTS)
     (d / "run.yaml").write_text(textwrap.dedent(CONFIG))
     return d
 

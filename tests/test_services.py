@@ -13,16 +13,14 @@ import numpy as np
 import pytest
 import zmq
 
-from gpusmd.calib.dark import process_dark
 from gpusmd.io.raw import RawRun
 from gpusmd.runinfo import RunInfo
 from gpusmd.services.common import make_keys
 from gpusmd.services.local import LocalServices, free_port
 from gpusmd.services.protocol import encode
 from gpusmd.services.shm import host_key
-from gpusmd.simulate import simulate_run
 
-from conftest import assert_same_datasets, publish_in_thread, replay_reference
+from conftest import assert_same_datasets, dark_and_run, publish_in_thread, replay_reference
 
 DET = "jungfrau05M"          # 1 MB frames
 N_EVENTS = 48
@@ -46,9 +44,7 @@ CONFIG = f"""\
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("services")
-    simulate_run(d / "dark.h5", DET, n_events=5, dark=True, run=1)
-    simulate_run(d / "run.h5", DET, n_events=N_EVENTS, run=2)
-    process_dark(d / "dark.h5", d / "constants.h5")
+    dark_and_run(d, DET, N_EVENTS)
     (d / "run.yaml").write_text(textwrap.dedent(CONFIG))
     replay_reference(d)
     return d

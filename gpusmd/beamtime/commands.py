@@ -123,10 +123,8 @@ def cmd_cube(args):
     from .select import Selection
     if args.smd and args.smd[0] == "merge":
         return cmd_cube_merge(args)
-    share = None
-    if args.mpi:
-        from ..mpi import RankShare, world
-        share = RankShare(world())
+    from ..mpi import rank_share, ranked, said_once
+    share = rank_share(args.mpi)
 
     def prepare():
         if not args.bin:
@@ -146,17 +144,12 @@ def cmd_cube(args):
             backend = get_backend(args.backend, config=config.backend)
         return bins, config, backend
 
-    from ..mpi import abort_on_failure, said_once
     bins, config, backend = said_once(share, prepare)
-    if share is None:
+    with ranked(share, "cube"):
         result = make_cube(args.smd, bins, Selection(args.filter), args.raw, config,
-                           args.keys, backend, args.batch_size, progress=not args.quiet)
-    else:
-        with abort_on_failure(share.comm, "cube"):
-            result = make_cube(args.smd, bins, Selection(args.filter), args.raw, config,
-                               args.keys, backend, args.batch_size, not args.quiet, share)
-        if share.rank != 0:
-            return
+                           args.keys, backend, args.batch_size, not args.quiet, share)
+    if share is not None and share.rank != 0:
+        return
     path = write_cube(args.output, result, args.force)
     c = result["cube"]
     print(f"{result['attrs']['n_events']} of {c.n_selected} selected events in "

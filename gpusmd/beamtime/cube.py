@@ -436,14 +436,14 @@ def bin_frames(raw, config: Config, event_ids, flat, n_bins, backend=None, batch
                         sums[det][int(bin_)] += calib[sel].sum(axis=0, dtype=xp.float64)
                 found += int(take.sum())
                 bar.update(int(take.sum()))
+    sums = {det: backend.to_host(s) for det, s in sums.items()}
     if share is not None:
-        sums = {det: share.sum_in_order(backend.to_host(s)) for det, s in sums.items()}
+        sums = {det: share.sum_in_order(s) for det, s in sums.items()}
         found = int(share.sum_exact(np.array([found], np.int64))[0])
     if found != n_wanted:
         raise GpusmdError(f"{raw}: holds {found} of the {n_wanted} binned events of the "
                           f"small-data file (is it the run the file was made of?)")
-    return {f"{det}/calib": s if share is not None else backend.to_host(s)
-            for det, s in sums.items()}
+    return {f"{det}/calib": s for det, s in sums.items()}
 
 
 def image_datasets(images: dict, counts: np.ndarray, shape) -> dict[str, np.ndarray]:

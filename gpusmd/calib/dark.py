@@ -48,7 +48,7 @@ from ..errors import ConstantsError, RawFileError
 from ..io.h5 import open_h5
 from ..io.output import WriteError, check_new_output, written_whole
 from ..io.source import open_run
-from ..mpi import count_events
+from ..mpi import count_events, said_once
 from .constants import RUN_ANY, Constants
 
 RMS_HIGH, RMS_LOW, SATURATED, COLD, MEAN_HIGH, MEAN_LOW, BAD_GAIN, NO_DATA = (
@@ -274,38 +274,38 @@ def process_dark(source, out_path, detectors=None, gain_path=None, run_max: int 
     out = {}
     wanted = None if detectors is None else (
         [detectors] if isinstance(detectors, str) else list(detectors))
-    error = run = None
-    try:
-        out_path = check_new_output(out_path, force)
+
+    def prepare():
+        """Everything that can be refused, before the run is read."""
+        path = check_new_output(out_path, force)
         if outlier_sigma is not None and not outlier_sigma > 0:
             raise ValueError(f"outlier_sigma must be > 0, got {outlier_sigma}")
         run = open_run(source, wanted).__enter__()
-        if run.n_events == 0:
-            raise RawFileError(f"{run.source}: the dark run has no events")
-        if not run.detectors:
-            raise RawFileError(f"{run.source}: no detector in the run")
-        names = list(run.detectors) if wanted is None else wanted
-        unknown = [d for d in names if d not in run.detectors]
-        if unknown:
-            raise RawFileError(f"{run.source}: no detector {', '.join(map(repr, unknown))} "
-                               f"(has: {', '.join(run.detectors)})")
-        gains = {d: _load_gain(gain_path, d, run.detectors[d]) if gain_path else None
-                 for d in names}
-    except Exception as e:
-        if share is None:
-            if run is not None:
-                run.__exit__(None, None, None)
+        try:
+            if run.n_events == 0:
+                raise RawFileError(f"{run.source}: the dark run has no events")
+            if not run.detectors:
+                raise RawFileError(f"{run.source}: no detector in the run")
+            names = list(run.detectors) if wanted is None else wanted
+            unknown = [d for d in names if d not in run.detectors]
+            if unknown:
+                raise RawFileError(f"{run.source}: no detector "
+                                   f"{', '.join(map(repr, unknown))} "
+                                   f"(has: {', '.join(run.detectors)})")
+            gains = {d: _load_gain(gain_path, d, run.detectors[d]) if gain_path else None
+                     for d in names}
+        except BaseException:
+            run.__exit__(None, None, None)
             raise
-        error = e
+        return path, run, names, gains
+
+    out_path, run, names, gains = said_once(share, prepare)
     try:
-        if share is not None:
-            share.ok(error)
         for d in names:
             out[d] = dark_constants(run, d, gains[d], run_max, outlier_sigma, nsigma,
                                     share=share)
     finally:
-        if run is not None:
-            run.__exit__(None, None, None)
+        run.__exit__(None, None, None)
     if share is not None and share.rank != 0:
         return out
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -184,7 +184,6 @@ class RunView:
                 if a is not None and a.ndim >= 2 and len(a) == n:
                     view.add_azav(name, a)
 
-
     def count_worker(self, h: dict, n: int):
         """The events of a result to the worker that made it (what it says of itself is
         shown only when it is a short string or an int)."""

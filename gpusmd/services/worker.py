@@ -143,6 +143,7 @@ class Worker:
                                 identity=self.name.encode())
         self.sink = open_socket(self.ctx, zmq.PUSH, self.cfg.sink_in, False, self.cfg)
         self.label = worker_label(self.name, backend.name)
+        self.process = {"host": socket.gethostname(), "pid": os.getpid()}   # in its results
         self.log = WorkerLog(log, {"label": self.label})
         self.metrics = Metrics("worker", self.cfg.log_every_s, metrics_port, logger=log,
                                label=self.label)
@@ -238,7 +239,7 @@ class Worker:
                     self.stager.release(staged.k)
         header = {"kind": "result", "run": run, "batch": batch, "token": h["token"],
                   "worker": self.name, "backend": self.backend.name,
-                  "host": socket.gethostname(), "pid": os.getpid(),
+                  **self.process,
                   "events": [ids[i] for i in good],
                   "timestamps": [events[i]["timestamp"] for i in good],
                   "scalars": {n: [events[i]["scalars"][n] for i in good]
