@@ -175,6 +175,7 @@ def _forget_probe():
 class Backend:
     name: str            # "cpu" or "gpu"
     xp: ModuleType       # numpy or cupy
+    cpu_engine: str = "numpy"   # on the CPU, "numba" or "numpy" (gpusmd.cpu_engine)
 
     @property
     def is_gpu(self) -> bool:
@@ -242,8 +243,14 @@ def keep_freed_memory() -> bool:
 
 
 def cpu_backend() -> Backend:
+    """The CPU backend, with the CPU engine asked for (or the best installed) running on
+    the threads asked for (gpusmd.cpu_engine)."""
+    from .cpu_engine import cpu_engine, set_threads, thread_count
     keep_freed_memory()
-    return Backend("cpu", np)
+    engine = cpu_engine()
+    if engine == "numba":
+        set_threads(thread_count())
+    return Backend("cpu", np, engine)
 
 
 def get_backend(name: str | None = None, *, config: str | None = None) -> Backend:

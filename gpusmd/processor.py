@@ -137,8 +137,10 @@ class DetectorProcessor:
     @property
     def common_mode(self) -> CommonMode | None:
         if self.cmpars is not None and self._common_mode is None:
+            compiled = not self.backend.is_gpu and self.backend.cpu_engine == "numba"
             self._common_mode = CommonMode(self.model, self.cmpars, self.constants.rms[0],
-                                           self.backend.xp, rules=self.cfg.common_mode_rules)
+                                           self.backend.xp, "numba" if compiled else None,
+                                           rules=self.cfg.common_mode_rules)
         return self._common_mode
 
     @property
@@ -183,10 +185,9 @@ class DetectorProcessor:
             return self.calibrator.with_common_mode(raw, step, self.common_mode)
         adu, scale, good = self.calibrator.split(raw, step)
         stats = self.common_mode(adu, good)
-        if out is None:
-            return (adu * scale).reshape(raw.shape), stats
-        np.multiply(adu, scale, out=out.reshape(adu.shape))
-        return out, stats
+        calib = self.calibrator.apply_gain(raw, adu, scale, step,
+                                           None if out is None else out.reshape(adu.shape))
+        return calib.reshape(raw.shape), stats
 
     def process(self, raw: np.ndarray, step: int = 0) -> dict[str, np.ndarray]:
         """Raw frames (B, *shape) of one config step -> {"<func>_<field>": (B, ...)}."""

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from gpusmd.backend import get_backend
+from gpusmd.backend import Backend, get_backend
 from gpusmd.calib.calibrate import Calibrator
 from gpusmd.calib.common_mode import CommonMode, Groups, Rule, group_correct, resolve
 from gpusmd.calib.constants import Constants
@@ -90,8 +90,8 @@ def test_mode7_thresholds_and_even_counts():
 def test_cm_skips_low_gain_ranges():
     """epix10k: pixels switched to a low gain range neither vote nor get corrected."""
     consts = Constants.default(EPIX)
-    cal = Calibrator(EPIX, consts, np.ones(EPIX.shape, np.uint8), get_backend("cpu"),
-                     "divide", cm_ranges=(0, 1, 3, 4))
+    cal = Calibrator(EPIX, consts, np.ones(EPIX.shape, np.uint8), Backend("cpu", np),
+                     "divide", cm_ranges=(0, 1, 3, 4))           # the NumPy engine's factor
     cal.set_control_bits(0, np.zeros(EPIX.npix, np.uint8))          # AML
     raw = np.full((1, EPIX.npix), 100, np.uint16)
     raw[0, :5] |= 0x4000                                             # AML_L

@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpusmd.backend import get_backend
+from gpusmd.backend import Backend, get_backend
 from gpusmd.calib.calibrate import Calibrator
 from gpusmd.calib.common_mode import CM_GAIN_RANGES, CommonMode, resolve
 from gpusmd.calib.constants import Constants
@@ -14,7 +14,7 @@ from gpusmd.detectors import epix10k_control_bits, get_detector
 
 from conftest import gpu_available
 
-CPU = get_backend("cpu")
+CPU = Backend("cpu", np)          # the NumPy engine: its split gives the factor
 
 
 # one panel, two banks wide: the host build runs a block at a time

@@ -152,6 +152,37 @@ def calibrate_switch(raw, ped, scale, model: DetectorModel, xp=np, out=None):
     return out
 
 
+def calibrate_compiled(raw, ped, scale, model: DetectorModel, out=None):
+    """calibrate_switch on the compiled CPU engine (gpusmd.numba_kernels), same numbers."""
+    from ..cpu_engine import numba_kernels
+    if out is None:
+        out = np.empty(raw.shape, np.float32)
+    numba_kernels().calibrate_switch(np.ascontiguousarray(raw), ped, scale,
+                                     ADC_MASK if model.multigain else 0, out)
+    return out
+
+
+def split_compiled(raw, ped, good, model: DetectorModel):
+    """split_switch on the compiled CPU engine: (adu, None, voting); the factor is applied
+    by gain_compiled after the common mode."""
+    from ..cpu_engine import numba_kernels
+    raw = np.ascontiguousarray(raw)
+    adu = np.empty(raw.shape, np.float32)
+    voting = np.empty(raw.shape, bool)
+    numba_kernels().split_switch(raw, ped, good, ADC_MASK if model.multigain else 0,
+                                 adu, voting)
+    return adu, None, voting
+
+
+def gain_compiled(raw, scale, adu, out=None):
+    """adu x the factor of each pixel's switch state, on the compiled CPU engine."""
+    from ..cpu_engine import numba_kernels
+    if out is None:
+        out = np.empty(adu.shape, np.float32)
+    numba_kernels().apply_scale(np.ascontiguousarray(raw), scale, adu, out)
+    return out
+
+
 def split_switch(raw, ped, scale, good, model: DetectorModel, xp=np):
     """For the common-mode path: ADU before the gain (B, npix), the factor that turns
     ADU into calibrated units, and the pixels that vote in the common mode."""
@@ -214,9 +245,17 @@ class Calibrator:
             result = calibrate_gpu(flat, cb, self.lut, self.family)
         else:
             ped, scale, _ = self.tables(step)
-            result = calibrate_switch(flat, ped, scale, self.model, xp,
-                                      None if out is None else out.reshape(flat.shape))
+            out = None if out is None else out.reshape(flat.shape)
+            if self.compiled:
+                result = calibrate_compiled(flat, ped, scale, self.model, out)
+            else:
+                result = calibrate_switch(flat, ped, scale, self.model, xp, out)
         return result.reshape(raw.shape)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the CPU pass runs on the compiled engine (gpusmd.cpu_engine)."""
+        return not self.backend.is_gpu and self.backend.cpu_engine == "numba"
 
     def tables(self, step: int):
         """The switch tables of a config step, on the backend (built once)."""
@@ -247,7 +286,22 @@ class Calibrator:
 
     def split(self, raw, step: int = 0):
         """(adu, scale, good), each (B, npix) on the backend, for the common-mode path:
-        calibrated = adu (after the common mode) * scale."""
+        calibrated = adu (after the common mode) * scale, which ``apply_gain`` does (on
+        the compiled engine scale is None: the factor is looked up again there)."""
         xp = self.backend.xp
         raw = xp.asarray(raw)
-        return split_switch(raw.reshape(raw.shape[0], -1), *self.tables(step), self.model, xp)
+        flat = raw.reshape(raw.shape[0], -1)
+        ped, scale, good = self.tables(step)
+        if self.compiled:
+            return split_compiled(flat, ped, good, self.model)
+        return split_switch(flat, ped, scale, good, self.model, xp)
+
+    def apply_gain(self, raw, adu, scale, step: int = 0, out=None):
+        """The calibrated frames (B, npix) from split's adu and scale, into ``out``
+        (B, npix) where given."""
+        if self.compiled:
+            return gain_compiled(np.asarray(raw).reshape(adu.shape), self.tables(step)[1],
+                                 adu, out)
+        if out is None:
+            return adu * scale
+        return self.backend.xp.multiply(adu, scale, out=out)

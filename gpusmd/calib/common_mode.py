@@ -145,6 +145,58 @@ def group_correct(adu, good, groups: Groups, rule: Rule, xp=np):
     return cm, applied
 
 
+def column_run(groups: Groups) -> int:
+    """For groups of single pixels a row apart (columns): how many adjacent groups run
+    side by side (starts[g + 1] = starts[g] + 1 within a run); 0 for other groups."""
+    if groups.n_inner != 1 or groups.n_outer < 2:
+        return 0
+    starts = groups.starts
+    steps = np.flatnonzero(np.diff(starts) != 1)
+    run = int(steps[0]) + 1 if len(steps) else len(starts)
+    if len(starts) % run or not np.array_equal(
+            starts.reshape(-1, run) - starts[::run, None], np.broadcast_to(np.arange(run),
+                                                                          (len(starts) // run, run))):
+        return 0
+    return run
+
+
+def compiled_layout(groups: Groups) -> str | None:
+    """Which compiled group pass takes these groups: "runs" (contiguous runs of pixels:
+    banks, rows, chunks, frames), "columns", or None (then the array path runs)."""
+    if column_run(groups):
+        return "columns"
+    return "runs" if groups.inner_stride == 1 else None
+
+
+def group_correct_compiled(adu, good, groups: Groups, rule: Rule):
+    """group_correct of a median rule on the compiled CPU engine (gpusmd.numba_kernels),
+    same numbers: the voters gathered, sorted by NumPy (on the engine's threads), the
+    medians applied. The bounds are compared in float32, as NumPy compares a float32
+    array with a Python number. Groups of neither compiled layout take the array path."""
+    from ..cpu_engine import numba_kernels, sort_rows
+    layout = compiled_layout(groups)
+    if (layout is None or adu.dtype != np.float32 or not adu.flags.c_contiguous
+            or rule.stat != "median"):
+        return group_correct(adu, good, groups, rule)
+    kernels = numba_kernels()
+    good = np.ascontiguousarray(good, dtype=bool)
+    count = np.empty((len(adu), len(groups.starts)), np.int64)
+    padded = np.empty((*count.shape, groups.size), np.float32)
+    if layout == "runs":
+        where = (groups.starts, groups.n_outer, groups.outer_stride, groups.n_inner)
+        gather, apply = kernels.gather_runs, kernels.apply_runs
+    else:
+        where = (groups.starts, groups.n_outer, groups.outer_stride, column_run(groups))
+        gather, apply = kernels.gather_columns, kernels.apply_columns
+    gather(adu, good, *where, np.float32(rule.lo), np.float32(rule.hi), padded, count)
+    sort_rows(padded.reshape(-1, groups.size))
+    cm = np.empty(count.shape, np.float32)
+    applied = np.empty(count.shape, bool)
+    apply(adu, good, *where, padded, count, int(rule.min_count), float(rule.min_fraction),
+          np.float32(rule.max_abs), bool(rule.inclusive), rule.apply_to != "good", cm, applied)
+    return cm, applied
+
+
 def masked_median(values, vote, count, xp=np):
     """Median over the last axis of the voting values: the middle one, or the mean of the
     two middle ones for an even count (as numpy's median); NaN where nobody voted.
@@ -207,7 +259,9 @@ class ModeContext:
     """What a mode may need besides the frames: the detector and its noise (ADU, the
     first gain range) for the modes that flag signal by rms; and which implementation of
     the group correction runs: "array" (NumPy / CuPy array operations), "kernel" (the
-    CUDA kernel, on a GPU) or "host" (the same kernel built for the CPU, for tests)."""
+    CUDA kernel, on a GPU), "host" (the same kernel built for the CPU, for tests) or
+    "numba" (the compiled CPU engine, for the medians; the means stay NumPy's: its
+    pairwise float32 sums are not a loop's)."""
     model: DetectorModel
     rms: np.ndarray | None = None       # (npix,) on the backend
     xp: object = np
@@ -222,6 +276,8 @@ class ModeContext:
         if self.engine == "host":
             from ..cuda import group_correct_host
             return group_correct_host(adu, good, groups, rule)
+        if self.engine == "numba":
+            return group_correct_compiled(adu, good, groups, rule)
         return group_correct(adu, good, groups, rule, self.xp)
 
     def groups(self, key, make):
