@@ -113,6 +113,9 @@ class ServicesConfig:
     curve_keys: Path | None = None  # directory from `gpusmd keys`: CurveZMQ on every link
     shared_memory: bool = True      # batches to the workers of the ingest's host through /dev/shm
     end_timeout_s: float = 30.0     # after an end, how long missing events are awaited
+    end_quiet_s: float = 1.0        # an end without its begin_run's end_token (an older
+    #                                 source, or forged) ends the run only once the source
+    #                                 has been quiet this long
     max_error_rows: int = 1000      # /errors rows of a kind of problem per run; one counts the rest
     ack_timeout_s: float | None = None  # no ack for this long: unacknowledged batches are sent
     #                                   again (default 2 x (flush_s + worker_timeout_s))

@@ -26,7 +26,7 @@ from gpusmd.services import common
 from gpusmd.services.common import ErrorRecords, QuietLog
 from gpusmd.services.local import LocalServices
 from gpusmd.services.protocol import (ProtocolError, batch_token, check_result, decode,
-                                      encode, event_entry, run_info)
+                                      encode, end_token, event_entry, run_info)
 from gpusmd.services.publish import publish
 from gpusmd.simulate import simulate_run
 
@@ -48,6 +48,7 @@ CONFIG = """\
       flush_s: 0.2
       log_every_s: 1.0
       end_timeout_s: 2.0
+      end_quiet_s: 0.5
       max_error_rows: 20
     """
 
@@ -173,6 +174,13 @@ def test_begin_run_fields_are_checked(info, fields, words):
     header.update(fields)
     with pytest.raises(ProtocolError, match=words):
         run_info(decode(encode(header, arrays)))
+
+
+@pytest.mark.parametrize("token", ["short", 5, ["t" * 32], "t" * 257])
+def test_a_begin_run_end_token_is_checked(token):
+    with pytest.raises(ProtocolError, match="end_token"):
+        end_token({"end_token": token})
+    assert end_token({}) is None and end_token({"end_token": "t" * 16}) == "t" * 16
 
 
 def test_a_good_begin_run(info):
@@ -305,8 +313,9 @@ def all_alive(chain):
         assert "Traceback" not in log_text(chain, name)
 
 
-def run_messages(chain, run: int):
-    """The simulated run as run ``run``: (its begin_run, [(event header, arrays)])."""
+def run_messages(chain, run: int, end_token: str | None = None):
+    """The simulated run as run ``run``: (its begin_run, with ``end_token`` when given,
+    [(event header, arrays)])."""
     with RawRun(chain.dir / "run.h5") as r:
         info = RunInfo.from_run(r)
         info.run = run
@@ -315,7 +324,10 @@ def run_messages(chain, run: int):
                     "timestamp": int(r.timestamp[i]),
                     "scalars": {s: r.scalars[s][i].item() for s in info.scalars}},
                    {DET: frames[i]}) for i in range(r.n_events)]
-    return encode(*info.to_message()), events
+    header, arrays = info.to_message()
+    if end_token is not None:
+        header["end_token"] = end_token
+    return encode(header, arrays), events
 
 
 def begin_header(chain, run: int) -> dict:
@@ -556,25 +568,36 @@ def test_forged_control_messages_change_nothing(chain):
 
 
 def test_an_early_end_loses_nothing_and_a_late_one_is_waited_for(chain):
-    """An end injected after 30 events (by another local process) ends the run only once
-    every announced event came; an end announcing more than come ends it end_timeout_s
-    after the last one, with one row saying how many never came."""
+    """Ends injected by another local process (no keys), after 31 events with a short
+    count and with none, after 61 with the full count: a run whose begin_run carries an
+    end_token (as gpusmd publish sends it) refuses them, even while its source pauses
+    longer than end_quiet_s; a run without (an older source) takes them as lower bounds
+    and ends once every event came and its source is quiet. Either way every event is
+    written, the file complete. An end announcing more than come ends the run
+    end_timeout_s after the last one, with one row saying how many never came."""
     ctx = zmq.Context()
     try:
-        run = 13
-        begin, events = run_messages(chain, run)
         source, other = Peer(ctx, chain, "ingest_in"), Peer(ctx, chain, "ingest_in")
-        source.send(begin)
-        for i, (h, a) in enumerate(events):
-            source.send(encode(h, a))
-            if i == 30:
-                time.sleep(0.3)
-                other.send(encode({"kind": "end", "run": run, "n_events": N}))
-                time.sleep(0.5)
-        source.send(encode({"kind": "end", "run": run, "n_events": N}))
-        out = written(chain, run)
-        assert_rows(out, chain)
-        assert error_rows(out) == []
+        for run, token, pause in ((13, None, 0.2), (17, "t" * 32, 0.8)):
+            begin, events = run_messages(chain, run, token)
+            source.send(begin)
+            for i, (h, a) in enumerate(events):
+                source.send(encode(h, a))
+                if i in (30, 60):
+                    time.sleep(0.2)
+                    forged = ([{"n_events": 31}, {}, {"n_events": 31, "end_token": "x" * 32}]
+                              if i == 30 else [{"n_events": N}])
+                    for fields in forged:
+                        other.send(encode({"kind": "end", "run": run, **fields}))
+                    time.sleep(pause)     # the tokenless source: less than end_quiet_s
+            end = {"kind": "end", "run": run, "n_events": N}
+            source.send(encode(end if token is None else {**end, "end_token": token}))
+            out = written(chain, run)
+            assert_rows(out, chain)
+            assert error_rows(out) == []
+            with h5py.File(out, "r") as f:
+                assert f.attrs["complete"] == 1 and f.attrs["n_events"] == N
+        assert log_text(chain, "ingest").count("without its begin_run's end_token: refused")
 
         run = 14
         begin, events = run_messages(chain, run)

@@ -25,7 +25,14 @@ when nothing was acknowledged for ``ack_timeout_s``. A heartbeat to the sink eve
 
 End of run: the source's end says how many events it sent; the run ends once that many
 messages have come from the source since begin_run (good or not), or
-``end_timeout_s`` after the last one, the missing ones recorded."""
+``end_timeout_s`` after the last one, the missing ones recorded. A begin_run may carry
+an end_token (``gpusmd publish`` makes one for each run), which only its source knows
+(no other peer reads what goes to the ingest, and it is passed on to no one): then an
+end without it is refused, a forged end cannot cut the run short. An end of a run
+without one (an older source, or forged) is taken as a lower bound: the run ends once
+at least that many have come and the source has then been quiet for ``end_quiet_s``
+(while the ingest reads it); of several ends, the highest count holds. Events of a run
+that come after its end are said in the log (not silently dropped)."""
 from __future__ import annotations
 
 import logging
@@ -39,8 +46,8 @@ import zmq
 from ..config import Config
 from .common import ErrorRecords, QuietLog, open_socket
 from .metrics import Metrics
-from .protocol import (MAX_NAME, ProtocolError, batch_token, decode, encode, event_entry,
-                       is_int, pack, run_info, same_secret, short)
+from .protocol import (MAX_NAME, ProtocolError, batch_token, decode, encode, end_token,
+                       event_entry, is_int, pack, run_info, same_secret, short)
 from .shm import Slot, SlotPool, host_key
 
 log = logging.getLogger("gpusmd.ingest")
@@ -107,6 +114,8 @@ class Ingest:
         self.quiet = QuietLog(log, s.log_every_s)
         self.last_hello = self.last_beat = 0.0
         self.sinks_seen = 0              # hellos: a sink after the first is a restart
+        self.ended_run: int | None = None         # the last run ended (its late events said)
+        self.unread_at = 0.0             # when the source was last left unread (backpressure)
         self.reset_run()
 
     # ---- run state ----------------------------------------------------------------
@@ -127,6 +136,8 @@ class Ingest:
         self.n_received = 0          # messages from the source since begin_run, good or not
         self.last_received = 0.0
         self.announced: int | None = None          # the events the source's end says it sent
+        self.end_token: str | None = None          # begin_run's: the end must echo it
+        self.end_trusted = False         # the end carried the begin_run's end_token
         self.end_at = 0.0
         self.source_done = False
         self.records = ErrorRecords(self.cfg.max_error_rows)
@@ -154,6 +165,10 @@ class Ingest:
         if msg.kind != "event":
             return self.reject(event, f"unexpected {msg.kind!r} message from a source")
         if self.info is None:
+            if self.ended_run is not None and msg.header.get("run") == self.ended_run:
+                self.metrics.inc("late_events")
+                return self.reject(event, f"an event of run {self.ended_run} after the run "
+                                          f"ended (an early end, forged?): not written")
             return self.reject(event, "event before begin_run")
         try:
             entry = event_entry(msg, self.info)
@@ -172,12 +187,14 @@ class Ingest:
     def begin_run(self, msg):
         try:
             info = run_info(msg)
+            token = end_token(msg.header)
         except ProtocolError as e:
             return self.reject(None, str(e))
         if self.info is not None:
             return self.reject(None, f"begin_run of run {info.run} while run {self.info.run} "
                                      f"is open: refused")
         self.info = info
+        self.end_token = token
         self.key = secrets.token_hex(16)
         header, arrays = info.to_message()         # the checked fields only
         self.run_frames = encode(header, arrays)
@@ -193,28 +210,42 @@ class Ingest:
         if not is_int(h.get("run"), self.info.run, self.info.run):
             return self.reject(None, f"end of run {short(h.get('run'))}, but run "
                                      f"{self.info.run} is open")
+        trusted = self.end_token is not None
+        if trusted and not same_secret(h.get("end_token"), self.end_token):
+            return self.refuse(f"an end of run {self.info.run} without its begin_run's "
+                               f"end_token: refused")
         n = h.get("n_events")
-        if n is None:
-            self.quiet.warning(f"the end of run {self.info.run} does not say how many events "
-                               f"were sent (an older source): the run ends with those that came")
-            n = self.n_received
-        elif not is_int(n):
+        if n is not None and not is_int(n):
             return self.reject(None, f"end: n_events must be a count, got {short(n)}")
+        if n is None:
+            n = self.n_received
+            if not trusted:
+                self.quiet.warning(f"the end of run {self.info.run} does not say how many "
+                                   f"events were sent (an older source): the run ends once "
+                                   f"the source is quiet")
+        if not trusted:     # anyone may have sent it: a count never lowered
+            n = max(n, self.announced or 0)
         self.announced = n
+        self.end_trusted = trusted
         self.end_at = time.monotonic()
 
     def check_end(self):
         """The source is done once its end has come and the events it announced too, or
-        ``end_timeout_s`` after the last of them came: the missing ones are recorded."""
+        ``end_timeout_s`` after the last of them came: the missing ones are recorded. An end
+        without the begin_run's end_token waits, besides, until the source has been quiet
+        for ``end_quiet_s``."""
         if self.source_done or self.announced is None:
             return
         missing = self.announced - self.n_received
+        since = time.monotonic() - max(self.end_at, self.last_received, self.unread_at)
         if missing > 0:
             timeout = self.cfg.end_timeout_s
-            if time.monotonic() - max(self.end_at, self.last_received) < timeout:
+            if since < timeout:
                 return
             self.reject(None, f"{missing} of the {self.announced} events the source's end "
                               f"announced never came (waited {timeout:g} s)", missing)
+        elif not self.end_trusted and since < self.cfg.end_quiet_s:
+            return
         self.source_done = True
         self.close_batch()
 
@@ -508,6 +539,7 @@ class Ingest:
                 pass
         log.info("run %d ends: %d events in %d batches, %d errors", self.info.run,
                  self.n_events, self.next_batch, self.n_errors)
+        self.ended_run = self.info.run
         self.reset_run()
         return True
 
@@ -521,6 +553,8 @@ class Ingest:
             while True:
                 # backpressure: leave the source unread while enough batches wait
                 reading = len(self.pending) < max_pending
+                if not reading:
+                    self.unread_at = time.monotonic()
                 poller.register(self.source, zmq.POLLIN if reading else 0)
                 poller.poll(50)
                 self.drain(self.acks, self.on_ack)

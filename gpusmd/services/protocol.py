@@ -6,11 +6,14 @@
 Kinds (what a service sends -> to whom):
     begin_run  publisher -> ingest -> workers, sink   run, experiment, source, n_events,
                detectors {name: {type, dtype, shape}}, scalars {name: dtype};
-               arrays: epix10k control bits "<det>/control_bits/<step>"; to the sink
-               also key, the run's secret (see batch_token)
+               arrays: epix10k control bits "<det>/control_bits/<step>"; from the
+               publisher optionally end_token (a secret of its own, which its end
+               echoes; never passed on); to the sink also key, the run's secret (see
+               batch_token)
     event      publisher -> ingest    run, event, timestamp, scalars {name: value},
                steps {det: step}; arrays: one raw frame per detector, named by detector
-    end        publisher -> ingest    run, n_events (the events sent)
+    end        publisher -> ingest    run, n_events (the events sent), end_token (the
+               begin_run's, when it had one)
                ingest -> sink, workers  run, key, n_batches, n_events, n_errors
     batch      ingest -> worker       run, batch, token, events [{event, timestamp,
                scalars, steps}]; arrays: the events' frames, named "<index>/<det>"; or,
@@ -210,6 +213,18 @@ def same_secret(a, b) -> bool:
 
 
 # ---- the fields of each kind ----------------------------------------------------------
+
+def end_token(header: dict) -> str | None:
+    """The begin_run's end_token (None when it has none): a string of 16 to MAX_NAME
+    characters; ProtocolError otherwise."""
+    token = header.get("end_token")
+    if token is None:
+        return None
+    if not (isinstance(token, str) and 16 <= len(token) <= MAX_NAME):
+        raise ProtocolError(f"begin_run: end_token must be a string of 16 to {MAX_NAME} "
+                            f"characters, got {short(token)}")
+    return token
+
 
 def run_info(msg: Message) -> RunInfo:
     """The RunInfo of a begin_run message, every field checked; ProtocolError otherwise."""

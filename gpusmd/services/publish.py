@@ -1,10 +1,12 @@
 """A DAQ simulator / run replayer: sends a run (a raw HDF5 file, an XTC2 file or any
 psana source) to the ingest node, event by event, at a given rate or as fast as the
 chain takes them (its sends block when the ingest stops reading: that is the
-backpressure)."""
+backpressure). Its begin_run carries a random end_token that its end echoes: no other
+peer sees it, so no one else can end the run early (services/ingest.py)."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from contextlib import contextmanager
 
@@ -45,7 +47,9 @@ def publish(source, config: Config, rate: float = 0.0, max_events: int | None = 
         if own:
             sock.linger = -1
         try:
-            sock.send_multipart(encode(*info.to_message()))
+            header, arrays = info.to_message()
+            token = secrets.token_hex(16)
+            sock.send_multipart(encode({**header, "end_token": token}, arrays))
             t0 = time.perf_counter()
             n = 0
             for batch in run.batches(READ_EVENTS, max_events):
@@ -66,7 +70,7 @@ def publish(source, config: Config, rate: float = 0.0, max_events: int | None = 
                                         copy=False)
                     n += 1
             sent = sock.send_multipart(tracked(encode({"kind": "end", "run": run.run,
-                                                       "n_events": n})))
+                                                       "n_events": n, "end_token": token})))
             while not (own or sent.done):
                 sock.poll(10)       # raises ContextTerminated once ctx.term() is called
             seconds = time.perf_counter() - t0
