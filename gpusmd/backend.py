@@ -175,7 +175,25 @@ def _forget_probe():
 class Backend:
     name: str            # "cpu" or "gpu"
     xp: ModuleType       # numpy or cupy
-    cpu_engine: str = "numpy"   # on the CPU, "numba" or "numpy" (gpusmd.cpu_engine)
+    cpu_engine: str = "numpy"   # on the CPU, the engine asked for (gpusmd.cpu_engine)
+
+    @property
+    def label(self) -> str:
+        """The backend as the summaries say it: "gpu", "cpu (numba, 8 threads)" or
+        "cpu (numpy)"."""
+        if self.is_gpu:
+            return self.name
+        from .cpu_engine import engine_label
+        return f"cpu ({engine_label(self.cpu_engine)})"
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the hot CPU stages run on the compiled engine (numba, imported here,
+        at the first calibration: a process that never calibrates never loads it)."""
+        if self.is_gpu:
+            return False
+        from .cpu_engine import compiled
+        return compiled(self.cpu_engine)
 
     @property
     def is_gpu(self) -> bool:
@@ -245,12 +263,9 @@ def keep_freed_memory() -> bool:
 def cpu_backend() -> Backend:
     """The CPU backend, with the CPU engine asked for (or the best installed) running on
     the threads asked for (gpusmd.cpu_engine)."""
-    from .cpu_engine import cpu_engine, set_threads, thread_count
+    from .cpu_engine import engine_name
     keep_freed_memory()
-    engine = cpu_engine()
-    if engine == "numba":
-        set_threads(thread_count())
-    return Backend("cpu", np, engine)
+    return Backend("cpu", np, engine_name())
 
 
 def get_backend(name: str | None = None, *, config: str | None = None) -> Backend:

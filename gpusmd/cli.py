@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import warnings
@@ -11,6 +12,11 @@ from .errors import GpusmdError
 
 BACKEND_HELP = ("where to run (default: $GPUSMD_BACKEND, else the config's backend, else auto: "
                 "the GPU when CuPy can run a kernel there)")
+ENGINE_HELP = ("the CPU engine (default: $GPUSMD_CPU_ENGINE, else auto: numba where it is "
+               "installed, else NumPy; the same numbers)")
+THREADS_HELP = ("threads of this process on the CPU engine (default: $GPUSMD_THREADS, else "
+                "every core; each worker of `up` / --via-services and each MPI rank of a "
+                "host an equal share)")
 SOURCE_HELP = ("raw HDF5 file, XTC2 file or directory, or psana source "
                "(exp=EXP:run=N[:dir=DIR], shmem=NAME)")
 
@@ -229,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mpi", action="store_true",
                    help="one rank of an MPI job: the ranks share the run's events, rank 0 "
                         "writes the constants")
+    add_cpu_args(s)
     s.set_defaults(func=cmd_dark)
 
     s = sub.add_parser("replay", help="reduce a run into a small-data file")
@@ -248,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one rank of an MPI job (mpiexec -n N, srun): the ranks share the "
                         "run's events and rank 0 writes the run file over their parts")
     s.add_argument("--force", action="store_true", help="replace an existing output")
+    add_cpu_args(s)
     s.set_defaults(func=cmd_replay)
 
     for name, func, text in [("ingest", cmd_ingest, "the ingest node"),
@@ -261,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--name", help="worker name (default host-pid)")
             s.add_argument("--delay-ms", type=float, default=0.0,
                            help="sleep this long per batch (to test re-sends)")
+            add_cpu_args(s)
         if name == "sink":
             s.add_argument("-o", "--output", default="{experiment}_Run{run:04d}.h5",
                            help="output file; {run} and {experiment} are filled in")
@@ -282,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
     s.add_argument("--monitor", type=int, nargs="?", const=8080, default=None, metavar="PORT",
                    help="also serve the live monitor page (default port 8080)")
+    add_cpu_args(s)
     s.set_defaults(func=cmd_up)
 
     s = sub.add_parser("monitor", help="a web page of the sink's live preview")
@@ -306,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--detector", default="epix10kquad")
     s.add_argument("--events", type=int, default=100)
     s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
+    add_cpu_args(s)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("constants", help="convert calibration constants to and from psana's")
@@ -340,12 +351,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_cpu_args(s):
+    """--cpu-engine and --threads, for the commands that calibrate on the CPU."""
+    from .cpu_engine import ENGINES
+    s.add_argument("--cpu-engine", choices=ENGINES, default=None, help=ENGINE_HELP)
+    s.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
+def take_cpu_args(args):
+    """--cpu-engine and --threads as the environment variables they stand for: this
+    process and those it starts (services, MPI ranks of mpiexec) read them there."""
+    from .cpu_engine import ENV_VAR, THREADS_VAR, thread_count
+    if getattr(args, "cpu_engine", None):
+        os.environ[ENV_VAR] = args.cpu_engine
+    if getattr(args, "threads", None) is not None:
+        os.environ[THREADS_VAR] = str(thread_count(args.threads))
+
+
 _format_other_warning = warnings.formatwarning
 
 
 def _format_warning(message, category, filename, lineno, line=None):
     """A backend that falls back to the CPU says so in one line, like the errors."""
-    if issubclass(category, BackendFallbackWarning):
+    from .cpu_engine import EngineFallbackWarning
+    if issubclass(category, (BackendFallbackWarning, EngineFallbackWarning)):
         return f"gpusmd: warning: {message}\n"
     return _format_other_warning(message, category, filename, lineno, line)
 
@@ -359,6 +388,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     warnings.formatwarning = _format_warning
     try:
+        take_cpu_args(args)
         args.func(args)
     except GpusmdError as e:
         if str(e):              # an MPI rank other than 0 leaves the saying to rank 0

@@ -52,7 +52,8 @@ def engine_name(command_line: str | None = None) -> str:
     return "auto"
 
 
-_chosen: str | None = None
+_chosen: str | None = None       # the engine that ran where numba was wanted and missing
+_threads: int | None = None      # the compiled engine's threads, once set
 
 
 def cpu_engine(name: str | None = None) -> str:
@@ -73,6 +74,23 @@ def cpu_engine(name: str | None = None) -> str:
     return "numpy"
 
 
+def compiled(asked: str | None = None) -> bool:
+    """Whether the compiled engine runs for the engine asked for; the first time it does
+    in a process, its threads are set (thread_count)."""
+    if cpu_engine(asked) != "numba":
+        return False
+    if _threads is None:
+        set_threads(thread_count())
+    return True
+
+
+def engine_label(asked: str | None = None) -> str:
+    """The engine that runs and its threads, e.g. "numba, 8 threads" or "numpy"."""
+    if not compiled(asked):
+        return "numpy"
+    return f"numba, {_threads} thread{'s' if _threads != 1 else ''}"
+
+
 def usable_cores() -> int:
     """The cores this process may run on."""
     try:
@@ -85,6 +103,15 @@ def share_of_cores(sharing: int) -> int:
     """Threads for one of ``sharing`` processes on this host (workers, MPI ranks): an
     equal share of the usable cores, at least one."""
     return max(1, usable_cores() // max(1, sharing))
+
+
+def take_share_of_cores(sharing: int, environ=os.environ) -> int:
+    """For one of ``sharing`` processes of a host (a worker of a local chain, an MPI rank):
+    its threads, $GPUSMD_THREADS where set, else an equal share of the cores, which is
+    then set there (for this process, or for the environment of one to be started)."""
+    if not environ.get(THREADS_VAR, "").strip():
+        environ[THREADS_VAR] = str(share_of_cores(sharing))
+    return int(environ[THREADS_VAR])
 
 
 def thread_count(command_line: int | None = None) -> int:
@@ -103,13 +130,10 @@ def thread_count(command_line: int | None = None) -> int:
     return n
 
 
-_threads = 1
-
-
 def sort_rows(rows):
     """Sort each row of a 2-D array in place, the rows shared among the engine's threads
     (NumPy's sort lets go of the GIL)."""
-    n = min(_threads, len(rows) // 64)
+    n = min(_threads or 1, len(rows) // 64)
     if n <= 1:
         rows.sort(axis=-1)
         return

@@ -151,9 +151,12 @@ class RankShare:
     any order; the others are added in rank order on every rank."""
 
     def __init__(self, comm, batch_size: int = 1):
+        from .cpu_engine import take_share_of_cores
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.batch_size = batch_size
+        # the ranks of a node share its cores (unless --threads / GPUSMD_THREADS says)
+        take_share_of_cores(comm.Split_type(shared_type(), key=self.rank).Get_size())
 
     def block(self, n_events: int) -> tuple[int, int]:
         return rank_blocks(n_events, self.batch_size, self.size)[self.rank]

@@ -141,7 +141,7 @@ def replay_mpi(source, config: Config, out_path, backend_name: str | None = None
     finally:
         writer.close()
     return ReplaySummary(out_path, sum(p["n_events"] for p in parts),
-                         max(p["seconds"] for p in parts), backend.name, datasets)
+                         max(p["seconds"] for p in parts), backend.label, datasets)
 
 
 def _reduce_block(run, procs, scalars, config, backend, batch, first, stop, path, rank, size):

@@ -137,9 +137,9 @@ class DetectorProcessor:
     @property
     def common_mode(self) -> CommonMode | None:
         if self.cmpars is not None and self._common_mode is None:
-            compiled = not self.backend.is_gpu and self.backend.cpu_engine == "numba"
             self._common_mode = CommonMode(self.model, self.cmpars, self.constants.rms[0],
-                                           self.backend.xp, "numba" if compiled else None,
+                                           self.backend.xp,
+                                           "numba" if self.backend.compiled else None,
                                            rules=self.cfg.common_mode_rules)
         return self._common_mode
 

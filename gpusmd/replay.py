@@ -206,4 +206,4 @@ def replay(source, config: Config, out_path, backend: Backend | None = None,
             writer.finish()
         finally:
             writer.close()
-    return ReplaySummary(out_path, n, seconds, backend.name, datasets)
+    return ReplaySummary(out_path, n, seconds, backend.label, datasets)

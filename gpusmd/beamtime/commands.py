@@ -166,9 +166,12 @@ def cmd_plot(args):
 
 
 def _add_run_options(s):
-    """The options of the commands that calibrate frames: backend, batch size, quiet."""
+    """The options of the commands that calibrate frames: backend, CPU engine and
+    threads, batch size, quiet."""
     from ..backend import BACKEND_CHOICES
+    from ..cli import add_cpu_args
     s.add_argument("--backend", choices=BACKEND_CHOICES, default=None, help=BACKEND_HELP)
+    add_cpu_args(s)
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -255,7 +255,7 @@ class Calibrator:
     @property
     def compiled(self) -> bool:
         """Whether the CPU pass runs on the compiled engine (gpusmd.cpu_engine)."""
-        return not self.backend.is_gpu and self.backend.cpu_engine == "numba"
+        return self.backend.compiled
 
     def tables(self, step: int):
         """The switch tables of a config step, on the backend (built once)."""

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..config import ADDRESS_KEYS
+from ..cpu_engine import take_share_of_cores
 from ..errors import GpusmdError
 from .shm import remove_stale
 
@@ -90,8 +91,11 @@ class LocalServices:
         elif self.quiet:
             out = tempfile.TemporaryFile()
         cpus = self.affinity.get(args[0])
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if args[0] == "worker":             # the workers share the host's cores
+            take_share_of_cores(self.n_workers, env)
         p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                             env=env,
                              preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.logs[p] = (name, out)
         return p
