@@ -161,7 +161,7 @@ def test_replay_of_xtc2_equals_replay_of_raw(twins, det):
 
 
 def test_dark_of_xtc2_series_equals_dark_of_raw(twins, tmp_path):
-    for det in ("epix10kquad", "jungfrau1M"):
+    for det in ("epix10kquad", "jungfrau1M", "epix100"):
         d = twins(det)
         process_dark(d / "dark.xtc2", tmp_path / f"{det}.h5")
         a = Constants.load(d / "constants.h5", det)
