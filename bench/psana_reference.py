@@ -52,6 +52,7 @@ from gpusmd.calib.constants import Constants  # noqa: E402
 from gpusmd.calib.dark import process_dark  # noqa: E402
 from gpusmd.calib.psana_constants import to_psana  # noqa: E402
 from gpusmd.config import load_config  # noqa: E402
+from gpusmd.cpu_engine import THREADS_VAR  # noqa: E402
 from gpusmd.io.source import open_run  # noqa: E402
 from gpusmd.io.xtc2 import write_xtc2  # noqa: E402
 from gpusmd.replay import build_processors, replay  # noqa: E402
@@ -366,7 +367,10 @@ def main():
     p.add_argument("--repeat", type=int, default=3, help="interleaved repeats, best kept")
     p.add_argument("--jungfrau", default="jungfrau4M", choices=("jungfrau4M", "jungfrau1M"))
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=1,
+                   help="gpusmd's threads on its CPU engine (default 1: per core, as psana)")
     args = p.parse_args()
+    os.environ[THREADS_VAR] = str(args.threads)      # read at gpusmd's first calibration
     if args.events <= REPLAY_BATCH:
         sys.exit(f"bench/psana_reference.py: --events must be more than {REPLAY_BATCH}")
     base = args.workdir or Path(tempfile.mkdtemp(prefix="gpusmd-psana-ref-"))
@@ -384,9 +388,10 @@ def main():
         del frames
     print_table(columns, rows)
     md = write_results(
-        "psana-reference-cpu", "gpusmd (CPU backend, one process) against psana2 itself",
-        columns, rows,
+        "psana-reference-cpu", f"gpusmd (CPU backend, one process, {CPU.label}) against "
+        "psana2 itself (one process)", columns, rows,
         notes=f"`python bench/psana_reference.py --events {args.events} --repeat {args.repeat}"
+              f"{'' if args.threads == 1 else f' --threads {args.threads}'}"
               f"{'' if args.jungfrau == 'jungfrau4M' else ' --jungfrau ' + args.jungfrau}`; "
               f"psana {psana_version()}, OMP_NUM_THREADS="
               f"{os.environ.get('OMP_NUM_THREADS')}. {args.events} simulated events per run; "
@@ -395,7 +400,7 @@ def main():
               "builds its caches) left out, gpusmd's per-run tables built before the clock "
               "starts. Replay: see the rows' notes. Ratio > 1: gpusmd faster. "
               f"Whole benchmark: {time.perf_counter() - t_start:.0f} s.",
-        extra={"events": args.events, "repeat": args.repeat,
+        extra={"events": args.events, "repeat": args.repeat, "gpusmd_engine": CPU.label,
                "psana_version": psana_version()})
     print(f"wrote {md}")
 

@@ -1,23 +1,27 @@
 """The standard benchmark recipes of DESIGN §12 on one backend, with the references
 measured in the same run.
 
-    python bench/run.py [--backend cpu|gpu|auto] [--recipes R1 R2 R3] [--events N] [--no-tests]
+    python bench/run.py [--backend cpu|gpu|auto] [--recipes R1 R2 R3] [--events N]
+                        [--threads 1 N ...] [--no-tests]
 
-(--backend: default $GPUSMD_BACKEND, else auto.)
+(--backend: default $GPUSMD_BACKEND, else auto. --threads: on the CPU, the thread counts
+of gpusmd's CPU engine to run each recipe with; default 1 (per core) and every core.)
 
 R1: epix10k2M, calibration + common mode 85 + 4 ROIs + 2 projections + azimuthal
     integration (500 q bins x 1 and x 16 phi, polarization + solid angle) + sums.
 R2: Jungfrau 4M, calibration + common mode 7 + the same features.
 R3: epix100, droplets + photons.
 
-For each recipe: events/s per stage (calibration with common mode, each function, the
-sums) and end to end, GB/s of raw input; beside them the references: where psana is
-installed, psana's own calibration + common mode (det.raw.calib of the recipe's run
-written as XTC2, with the same constants: R1 cmpars (7,3,100,10), R2 cversion 0 and
-(7,3,10,10); bench/psana_reference.py, on --psana-events events after a first one), the
-project's psana-style NumPy loops (bench/psana_style.py), pyFAI's integrate1d on a frame
-of the same size (one core), and on a GPU the pinned host-to-device copy bound for the
-raw bytes of an event. On a GPU the whole test suite runs first with the CuPy backend
+For each recipe (on the CPU: at each thread count): events/s per stage (calibration
+without and with common mode, each function, the sums) and end to end, GB/s of raw
+input; beside them the references: where psana is installed, psana's own calibration
+without common mode and with the recipe's (det.raw.calib of the recipe's run written as
+XTC2, with the same constants: R1 cmpars (7,3,100,10), R2 cversion 0 and (7,3,10,10);
+bench/psana_reference.py, on --psana-events events after a first one; one process, and
+for N threads that rate x N, psana's ideal scaling over N processes), the project's
+psana-style NumPy loops (bench/psana_style.py), pyFAI's integrate1d (CSR) on a frame of
+the same size on as many OpenMP threads, and on a GPU the pinned host-to-device copy
+bound for the raw bytes of an event. On a GPU the whole test suite runs first with the CuPy backend
 (GPUSMD_BACKEND=gpu; its summary in bench/results/tests-gpu.txt and in the results'
 notes; a failure is reported and the benchmark still runs); the results go to
 bench/results/recipes-<backend>.{json,md}, written again after each recipe (a run
@@ -27,6 +31,7 @@ reference that is not installed (psana, pyFAI) is left out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -42,10 +47,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import print_table, write_results  # noqa: E402
+from psana_reference import PSANA_CALIB  # noqa: E402
 
 from gpusmd.backend import get_backend  # noqa: E402
 from gpusmd.calib.dark import process_dark  # noqa: E402
 from gpusmd.config import load_config  # noqa: E402
+from gpusmd.cpu_engine import engine_label, set_threads, usable_cores  # noqa: E402
 from gpusmd.errors import GpusmdError  # noqa: E402
 from gpusmd.io.raw import RawRun  # noqa: E402
 from gpusmd.processor import DetectorProcessor  # noqa: E402
@@ -110,7 +117,12 @@ def timed(backend, fn, repeat=3) -> float:
     return best
 
 
-def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
+def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int,
+               threads: int | None = None, refs: dict | None = None):
+    """The rows of one recipe; ``threads``: the CPU engine's (None on a GPU); ``refs``:
+    the reference rates measured so far (each is measured once, kept there)."""
+    refs = {} if refs is None else refs
+    scale = threads or 1                # psana: one process, scaled ideally to N cores
     det, code, default_events = RECIPES[recipe]
     n = n_events or default_events
     d = workdir / recipe
@@ -126,17 +138,33 @@ def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
     (d / "run.yaml").write_text(config_text(recipe, model, code))
     cfg = load_config(d / "run.yaml").detectors[det]
     proc = DetectorProcessor(cfg, model, backend, 2)
-    proc.set_control_bits(0, cb)
+    plain = DetectorProcessor(dataclasses.replace(cfg, common_mode=0, functions=[]), model,
+                              backend, 2)
+    for p in (proc, plain):
+        p.set_control_bits(0, cb)
     batch = backend.asarray(raw)
     proc.process(batch[:2])                         # per-run tables and maps
+    plain.process(batch[:2])
     rows = []
     gb = model.raw_nbytes / 1e9
+    on = f"{threads} thread{'s' if threads != 1 else ''}" if threads else "GPU"
 
     def add(stage, seconds, reference=None, ref_rate=None):
         rate = n / seconds
-        rows.append([recipe, stage, f"{rate:.1f}", f"{rate * gb:.2f}",
+        rows.append([recipe, stage, on, f"{rate:.1f}", f"{rate * gb:.2f}",
                      reference or "", f"{ref_rate:.2f}" if ref_rate else "",
-                     f"{rate / ref_rate:.1f}" if ref_rate else ""])
+                     f"{rate / ref_rate:.2f}" if ref_rate else ""])
+
+    def psana(key, kwargs):
+        """psana's det.raw.calib with kwargs: (label, rate scaled to the threads)."""
+        if key not in refs:
+            refs[key] = psana_calib_rate(d, det, psana_events, kwargs)
+        label = f"psana det.raw.calib({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+        return (label if scale == 1 else f"{label} x {scale} processes (ideal)"), refs[key] * scale
+
+    seconds = timed(backend, lambda: plain.calibrate(batch)[0])
+    add("calibration, no common mode", seconds, *(psana((recipe, "none"), {"cmpars": None})
+                                                  if HAVE_PSANA else ()))
 
     def calibrate():
         return proc.calibrate(batch)[0]
@@ -146,18 +174,21 @@ def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
         add(stage, seconds)
     else:
         if HAVE_PSANA:
-            kwargs, rate = psana_calib_rate(d, det, model, psana_events)
-            add(stage, seconds, f"psana det.raw.calib({', '.join(f'{k}={v}' for k, v in kwargs.items())})",
-                rate)
-        add(stage, seconds, "project's psana-style NumPy loops",
-            psana_style_rate(model, cfg, proc, raw[:psana_events], cb))
+            add(stage, seconds, *psana((recipe, "cm"), PSANA_CALIB[model.family]))
+        if (recipe, "style") not in refs:
+            refs[recipe, "style"] = psana_style_rate(model, cfg, proc, raw[:psana_events], cb)
+        add(stage, seconds, "project's psana-style NumPy loops, one process" if scale == 1
+            else f"project's psana-style NumPy loops x {scale} processes (ideal)",
+            refs[recipe, "style"] * scale)
     calib = calibrate()
     for feature in proc.features:
         parent = proc.parents.get(feature.name)
         data = calib if parent is None else parent.child_data
         ref = ref_rate = None
         if feature.kind == "azav" and feature.nphi == 1 and HAVE_PYFAI:
-            ref, ref_rate = "pyFAI integrate1d, same size, 1 core", pyfai_rate(model, feature)
+            t = threads or 1
+            ref = f"pyFAI integrate1d (CSR), same size, {t} OpenMP thread{'s' if t > 1 else ''}"
+            ref_rate = pyfai_rate_on(model.npix, feature.nq, t)
         add(f"{feature.kind} {feature.name}", timed(backend, lambda: feature.process(data)),
             ref, ref_rate)
     add("sums", timed(backend, lambda: proc.sums.update(calib)))
@@ -169,17 +200,15 @@ def run_recipe(recipe, backend, n_events, workdir: Path, psana_events: int):
     return rows
 
 
-def psana_calib_rate(d: Path, det: str, model, n_events: int):
-    """psana's det.raw.calib with the recipe's common mode on the recipe's run written as
-    XTC2 (bench/psana_reference.py): (its keywords, events/s over n_events after the
-    first)."""
-    from psana_reference import PSANA_CALIB, psana_calib_pass
+def psana_calib_rate(d: Path, det: str, n_events: int, kwargs: dict) -> float:
+    """psana's det.raw.calib(**kwargs) on the recipe's run written as XTC2
+    (bench/psana_reference.py): events/s over n_events after the first."""
+    from psana_reference import psana_calib_pass
     from gpusmd.io.xtc2 import write_xtc2
     if not (d / "run.xtc2").exists():
         write_xtc2(d / "run.h5", d / "run.xtc2")
-    kwargs = PSANA_CALIB[model.family]
     seconds, _, _ = psana_calib_pass(d / "run.xtc2", d / "constants.h5", det, n_events + 1, **kwargs)
-    return kwargs, 1 / seconds
+    return 1 / seconds
 
 
 def psana_version() -> str:
@@ -203,16 +232,28 @@ def psana_style_rate(model, cfg, proc, raw, cb):
     return len(raw) / (time.perf_counter() - t0)
 
 
-def pyfai_rate(model, feature, n=4):
+def pyfai_rate_on(npix: int, nq: int, threads: int) -> float:
+    """pyfai_rate in a fresh process on ``threads`` OpenMP threads (OpenMP reads its
+    thread count once, at start)."""
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from run import pyfai_rate; print(pyfai_rate({npix}, {nq}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def pyfai_rate(npix: int, nq: int, n=4):
+    """pyFAI integrate1d (no splitting, CSR, cython) events/s on random frames of
+    npix pixels, 1536 columns."""
     from pyFAI.detectors import Detector
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
-    rows = model.npix // 1536
-    p = model.pixel_size_um * 1e-6
+    rows = npix // 1536
+    p = 100e-6
     ai = AzimuthalIntegrator(dist=0.08, poni1=rows * p / 2, poni2=1536 * p / 2,
                              detector=Detector(p, p, max_shape=(rows, 1536)),
                              wavelength=12.3984 / 9.5 * 1e-10)
     frames = np.random.default_rng(0).gamma(2, 5, (n, rows, 1536)).astype(np.float32)
-    kw = dict(npt=feature.nq, unit="q_A^-1", correctSolidAngle=True, polarization_factor=1.0,
+    kw = dict(npt=nq, unit="q_A^-1", correctSolidAngle=True, polarization_factor=1.0,
               method=("no", "csr", "cython"))
     ai.integrate1d(frames[0], **kw)
     t0 = time.perf_counter()
@@ -239,6 +280,8 @@ def main():
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--events", type=int, default=None, help="events per recipe")
     p.add_argument("--psana-events", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="on the CPU: the CPU engine's thread counts (default 1 and every core)")
     p.add_argument("--no-tests", action="store_true", help="on a GPU: skip the test suite")
     p.add_argument("--workdir", type=Path, default=None)
     args = p.parse_args()
@@ -250,21 +293,33 @@ def main():
     if backend.is_gpu and not args.no_tests:
         tests = run_tests_on_gpu()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpusmd-recipes-"))
-    columns = ["recipe", "stage", "events/s", "GB/s raw", "reference", "reference events/s",
-               "ratio"]
+    columns = ["recipe", "stage", "gpusmd on", "events/s", "GB/s raw", "reference",
+               "reference events/s", "ratio"]
     rows = []
-    device = "CPU, one process" if not backend.is_gpu else gpu_name(backend)
+    if backend.is_gpu:
+        thread_counts = [None]
+    else:
+        thread_counts = sorted(set(args.threads or [1, usable_cores()]))
+    device = (f"CPU, one process, {engine_label(backend.cpu_engine).split(',')[0]} engine"
+              if not backend.is_gpu else gpu_name(backend))
     for recipe in args.recipes:
-        try:
-            rows += run_recipe(recipe, backend, args.events, workdir, args.psana_events)
-        except Exception as e:      # the other recipes still give their numbers
-            print(f"{recipe} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-            rows.append([recipe, f"FAILED: {type(e).__name__}: {e}", "", "", "", "", ""])
+        refs = {}
+        for threads in thread_counts:
+            if threads:
+                set_threads(threads)
+            try:
+                rows += run_recipe(recipe, backend, args.events, workdir, args.psana_events,
+                                   threads, refs)
+            except Exception as e:      # the other recipes still give their numbers
+                print(f"{recipe} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                rows.append([recipe, f"FAILED: {type(e).__name__}: {e}", "", "", "", "", "", ""])
         print_table(columns, rows)
         md = write_results(f"recipes-{backend.name}", f"Recipes {' '.join(args.recipes)} on "
                            f"the {backend.name} backend ({device})", columns, rows,
                            notes=f"`python bench/run.py --backend {backend.name}`; best of 3 per "
-                           "stage, batches of all the recipe's events at once. References: "
+                           "stage, batches of all the recipe's events at once; on the CPU each "
+                           f"recipe on {', '.join(map(str, thread_counts))} thread(s) of the "
+                           "CPU engine. References: "
                            f"psana's det.raw.calib (psana {psana_version()}) and the "
                            f"psana-style loops on {args.psana_events} events (psana's after a "
                            "first one, where it builds its caches); pyFAI "
