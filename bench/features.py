@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")      # one core for pyFAI's OpenMP loops too
+os.environ.setdefault("GPUSMD_THREADS", "1")       # and for gpusmd's CPU engine
 
 import numpy as np  # noqa: E402
 
@@ -121,11 +122,11 @@ def main():
     ours, theirs, worst = bench_azav(args.events)
     rows = [["azimuthal integration, 2.16 Mpixel, 500 q bins, pol + solid angle",
              "pyFAI integrate1d (no split, CSR, cython, 1 thread)", f"{theirs:.1f}", "1.0"],
-            ["", "gpusmd NumPy backend", f"{ours:.1f}", f"{ours / theirs:.2f}"]]
+            ["", "gpusmd CPU backend (NumPy histogram)", f"{ours:.1f}", f"{ours / theirs:.2f}"]]
     drop, chain = bench_droplets(args.events * 4, args.workdir or Path(tempfile.mkdtemp()))
-    rows += [["epix100: droplet + droplet2photons + photons", "gpusmd NumPy backend, features",
+    rows += [["epix100: droplet + droplet2photons + photons", "gpusmd CPU backend, features",
               f"{drop:.1f}", ""],
-             ["", "with calibration and common mode 46", f"{chain:.1f}", ""]]
+             ["", f"with calibration and common mode 46 ({CPU.label})", f"{chain:.1f}", ""]]
     print_table(columns, rows)
     md = write_results("features-cpu", "Feature throughput per core (CPU)", columns, rows,
                        notes=f"`python bench/features.py --events {args.events}`; best of 3. "
