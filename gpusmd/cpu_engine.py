@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 
 from .errors import GpusmdError
@@ -31,13 +32,30 @@ class EngineFallbackWarning(RuntimeWarning):
 
 @functools.cache
 def numba_kernels():
-    """gpusmd.numba_kernels, or None where numba does not import (then why, once)."""
+    """gpusmd.numba_kernels, or None where numba does not import (then why, once).
+    numba's threads are its own work queue unless NUMBA_THREADING_LAYER says otherwise:
+    its OpenMP layer shares the process's OpenMP runtime, which an OMP_NUM_THREADS=1
+    (usual under MPI, and set by the benchmarks for pyFAI) or a busy core slows down
+    several fold on every parallel loop."""
     try:
+        import numba
+        if not os.environ.get("NUMBA_THREADING_LAYER"):
+            numba.config.THREADING_LAYER = "workqueue"
         from . import numba_kernels as kernels
     except Exception as e:         # not installed, or a numba that does not fit this NumPy
         numba_kernels.why = f"{type(e).__name__}: {e}"
         return None
     return kernels
+
+
+_launch = threading.Lock()
+
+
+def launch(kernel: str, *args):
+    """Run one compiled kernel: one at a time in a process (numba's work queue takes one
+    caller at a time; several Python threads calibrating take turns)."""
+    with _launch:
+        return getattr(numba_kernels(), kernel)(*args)
 
 
 def engine_name(command_line: str | None = None) -> str:

@@ -154,32 +154,31 @@ def calibrate_switch(raw, ped, scale, model: DetectorModel, xp=np, out=None):
 
 def calibrate_compiled(raw, ped, scale, model: DetectorModel, out=None):
     """calibrate_switch on the compiled CPU engine (gpusmd.numba_kernels), same numbers."""
-    from ..cpu_engine import numba_kernels
+    from ..cpu_engine import launch
     if out is None:
         out = np.empty(raw.shape, np.float32)
-    numba_kernels().calibrate_switch(np.ascontiguousarray(raw), ped, scale,
-                                     ADC_MASK if model.multigain else 0, out)
+    launch("calibrate_switch", np.ascontiguousarray(raw), ped, scale,
+           ADC_MASK if model.multigain else 0, out)
     return out
 
 
 def split_compiled(raw, ped, good, model: DetectorModel):
     """split_switch on the compiled CPU engine: (adu, None, voting); the factor is applied
     by gain_compiled after the common mode."""
-    from ..cpu_engine import numba_kernels
+    from ..cpu_engine import launch
     raw = np.ascontiguousarray(raw)
     adu = np.empty(raw.shape, np.float32)
     voting = np.empty(raw.shape, bool)
-    numba_kernels().split_switch(raw, ped, good, ADC_MASK if model.multigain else 0,
-                                 adu, voting)
+    launch("split_switch", raw, ped, good, ADC_MASK if model.multigain else 0, adu, voting)
     return adu, None, voting
 
 
 def gain_compiled(raw, scale, adu, out=None):
     """adu x the factor of each pixel's switch state, on the compiled CPU engine."""
-    from ..cpu_engine import numba_kernels
+    from ..cpu_engine import launch
     if out is None:
         out = np.empty(adu.shape, np.float32)
-    numba_kernels().apply_scale(np.ascontiguousarray(raw), scale, adu, out)
+    launch("apply_scale", np.ascontiguousarray(raw), scale, adu, out)
     return out
 
 

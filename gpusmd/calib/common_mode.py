@@ -173,27 +173,26 @@ def group_correct_compiled(adu, good, groups: Groups, rule: Rule):
     same numbers: the voters gathered, sorted by NumPy (on the engine's threads), the
     medians applied. The bounds are compared in float32, as NumPy compares a float32
     array with a Python number. Groups of neither compiled layout take the array path."""
-    from ..cpu_engine import numba_kernels, sort_rows
+    from ..cpu_engine import launch, sort_rows
     layout = compiled_layout(groups)
     if (layout is None or adu.dtype != np.float32 or not adu.flags.c_contiguous
             or rule.stat != "median"):
         return group_correct(adu, good, groups, rule)
-    kernels = numba_kernels()
     good = np.ascontiguousarray(good, dtype=bool)
     count = np.empty((len(adu), len(groups.starts)), np.int64)
     padded = np.empty((*count.shape, groups.size), np.float32)
     if layout == "runs":
         where = (groups.starts, groups.n_outer, groups.outer_stride, groups.n_inner)
-        gather, apply = kernels.gather_runs, kernels.apply_runs
     else:
         where = (groups.starts, groups.n_outer, groups.outer_stride, column_run(groups))
-        gather, apply = kernels.gather_columns, kernels.apply_columns
-    gather(adu, good, *where, np.float32(rule.lo), np.float32(rule.hi), padded, count)
+    launch(f"gather_{layout}", adu, good, *where, np.float32(rule.lo), np.float32(rule.hi),
+           padded, count)
     sort_rows(padded.reshape(-1, groups.size))
     cm = np.empty(count.shape, np.float32)
     applied = np.empty(count.shape, bool)
-    apply(adu, good, *where, padded, count, int(rule.min_count), float(rule.min_fraction),
-          np.float32(rule.max_abs), bool(rule.inclusive), rule.apply_to != "good", cm, applied)
+    launch(f"apply_{layout}", adu, good, *where, padded, count, int(rule.min_count),
+           float(rule.min_fraction), np.float32(rule.max_abs), bool(rule.inclusive),
+           rule.apply_to != "good", cm, applied)
     return cm, applied
 
 
