@@ -83,7 +83,7 @@ import numpy as np
 
 from .detectors import DetectorModel, get_detector
 from .errors import ConfigError
-from .io.output import written_whole
+from .io import output
 from .io.raw import FORMAT, FORMAT_VERSION
 
 EPIX10K_DARK_STEPS = (  # (name, pixel_config g|ga bits, trbit, gain range index)
@@ -430,7 +430,6 @@ def simulate_run(path, detector: str = "epix10kquad", n_events: int = 20, dark: 
                    np.abs(rng.normal(0, 0.002, n))).astype(np.float32)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     name = m.type
     nphot = np.zeros(n, np.int64)
     dep_e, dep_p, dep_k = [], [], []
@@ -438,7 +437,8 @@ def simulate_run(path, detector: str = "epix10kquad", n_events: int = 20, dark: 
     cm_bank = np.zeros((n, nseg, ev.nh, ev.nb), np.float32)
     cm_row = np.zeros((n, nseg, ev.rows, ev.nb), np.float32)
     cm_col = np.zeros((n, nseg, ev.nh, ev.cols), np.float32)
-    with written_whole(path) as part, h5py.File(part, "w") as f:
+    # room for the raw frames at least: else one WriteError (a failed write: one too), no file
+    with output.written_h5(path, n * m.raw_nbytes) as f:
         f.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION,
                         "experiment": experiment, "run": run})
         f.create_dataset("event_id", data=1000 * run + idx.astype(np.int64))

@@ -219,6 +219,70 @@ def test_a_write_that_fails_anyway_stops_the_file(d, small_disk):
     assert not is_complete(out)
 
 
+def test_simulate_on_a_full_disk(d, small_disk):
+    """Refused before writing (the raw frames do not fit), and, with the free space not
+    checked first, a write that fails in HDF5: one line and exit 2 both times (no crash),
+    no file left."""
+    out = small_disk / "sim.h5"
+    one_error_line(gpusmd(d, "simulate", "--detector", "camera", "--shape", "128", "128",
+                          "--events", "200", "-o", out), out, "no space left on device")
+    assert os.listdir(small_disk) == []
+    script = ("import sys, gpusmd.io.output as o; o.check_room = lambda *a, **k: None; "
+              "from gpusmd.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", script, "simulate", "--detector", "camera",
+                        "--shape", "128", "128", "--events", "200", "-o", str(out)],
+                       cwd=d, capture_output=True, text=True, timeout=60)
+    one_error_line(r, out, "no space left on device")
+    assert os.listdir(small_disk) == []
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder that cannot be written: a read-only tmpfs (root, whom permissions do not
+    stop), else one of mode 555. Returns (folder, the reason a write there fails)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        yield ro, "permission denied"
+        ro.chmod(0o755)
+        return
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.strip()}")
+    yield ro, "read-only file system"
+    subprocess.run(["umount", str(ro)], check=True)
+
+
+@pytest.fixture(scope="module")
+def dark_run(d):
+    return simulate_run(d / "dark_camera.h5", "camera", n_events=4, shape=(128, 128),
+                        dark=True)
+
+
+@pytest.mark.parametrize("args, out", [
+    (["simulate", "--detector", "camera", "--shape", "16", "16", "--events", "2"], "s.h5"),
+    (["plot", "{smd}", "--png"], "p.png"),
+    (["plot", "{smd}", "-o"], "plots/camera_image.png"),
+    (["cube", "{smd}", "--bin", "ipm2/sum:0,1,2", "-q"], "c.h5"),
+    (["avimage", "run.h5", "--config", "run.yaml", "-n", "8", "-q"], "a.h5"),
+    (["dark", "{dark}"], "k.h5"),
+], ids=["simulate", "plot", "plot-dir", "cube", "avimage", "dark"])
+def test_a_read_only_folder_is_one_line(d, dark_run, read_only, args, out):
+    """Every writer on a folder it cannot write: one line naming the file and the
+    reason, exit 2, nothing left there."""
+    ro, reason = read_only
+    smd = reference(d)
+    args = [a.format(smd=smd, dark=dark_run) for a in args]
+    target = ro / out
+    given = target.parent if args[-1] == "-o" else target
+    if args[-1] not in ("-o", "--png"):
+        args.append("-o")
+    one_error_line(gpusmd(d, *args, given), target, reason)
+    assert os.listdir(ro) == []
+
+
 # ---- 5. interrupted ---------------------------------------------------------------------
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_an_interrupted_replay_leaves_the_events_so_far(d, sig):

@@ -44,7 +44,7 @@ from ..config import Config
 from ..errors import GpusmdError
 from ..features.sums import RunSums
 from ..geometry import assemble, detector_coords, image_index
-from ..io.output import check_new_output, written_whole
+from ..io.output import check_new_output, written_h5, written_whole
 from ..io.source import open_run
 from ..replay import build_processors
 from ..runinfo import RunInfo
@@ -155,8 +155,9 @@ def write_avimage(path, result: dict, force: bool = False) -> Path:
     image = images[attrs["stat"]]
     x, y, p = result["x"], result["y"], attrs["pixel_size_um"]
     rows, cols = image_index(x, y, p)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with written_whole(path) as part, h5py.File(part, "w") as f:
+    nbytes = image.nbytes + sum(np.asarray(v).nbytes for v in (
+        *images.values(), *(result[k] for k in ("x", "y", "z", "mask", "status", "event_id"))))
+    with written_h5(path, nbytes) as f:         # room for its arrays first
         f.create_dataset("image", data=image)
         for key, value in images.items():
             f.create_dataset(key, data=value)
@@ -265,7 +266,6 @@ def figure(img: np.ndarray, title: str, percentile=(1.0, 99.5)):
 
 def save_figure(fig, path, force: bool = False) -> Path:
     path = check_new_output(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(path) as part:
         fig.savefig(part, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     return path

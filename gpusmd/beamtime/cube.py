@@ -46,7 +46,7 @@ from .. import __version__
 from ..backend import Backend, get_backend
 from ..config import Config
 from ..errors import GpusmdError
-from ..io.output import check_new_output, open_small_data, written_whole
+from ..io.output import check_new_output, open_small_data, written_h5
 from ..io.source import open_run
 from ..mpi import count_events
 from .avimage import calibration_processors
@@ -465,8 +465,7 @@ def write_cube(path, result: dict, force: bool = False) -> Path:
     cube: CubeSums = result["cube"]
     shape = cube.shape
     data = cube.datasets()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with written_whole(path) as part, h5py.File(part, "w") as f:
+    with written_h5(path, sum(np.asarray(v).nbytes for v in data.values())) as f:  # room first
         f.create_dataset("nEntries", data=data["nEntries"])
         for name, edges in cube.bins:
             f.create_dataset(f"binning/{name}", data=edges)

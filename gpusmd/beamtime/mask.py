@@ -109,7 +109,6 @@ def save_mask(mask: np.ndarray, path, force: bool = False) -> Path:
     path = check_new_output(path, force)
     if path.suffix != ".npy":
         raise GpusmdError(f"{path}: a user mask is a .npy file")
-    path.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(path) as part:
         with open(part, "wb") as f:
             np.save(f, mask)

@@ -458,7 +458,6 @@ def save(fig, path: Path, dpi: int = DPI) -> Path:
     fig.set_dpi(dpi)
     fig.canvas.draw()
     rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
-    path.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(path) as part:
         rgb.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
             part, format="png", optimize=True)

@@ -26,12 +26,13 @@ disk is full; a write that fails anyway (the disk filled by someone else) stops 
 file at once, with nothing more written to it."""
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -61,14 +62,69 @@ class WriteError(GpusmdError):
 @contextmanager
 def written_whole(path):
     """A temporary name beside ``path`` to write a file under: renamed to ``path`` when the
-    block ends without an error, removed otherwise, so that the file is whole or absent."""
+    block ends without an error, removed otherwise, so that the file is whole or absent;
+    its folder is made if need be. A failure to write it (an OSError about the temporary file or the folder: permission
+    denied, a read-only file system, no space left) is one WriteError naming ``path``."""
     path = Path(path)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(path, f"cannot make its folder {e.filename or path.parent} "
+                               f"({failure_reason(e)})") from None
+    try:
         yield part
         os.replace(part, path)
+    except OSError as e:
+        if not _about(e, part, path):
+            raise
+        raise WriteError(path, f"cannot write it ({failure_reason(e)})") from None
     finally:
-        part.unlink(missing_ok=True)
+        with suppress(OSError):           # nothing made (read-only), or not removable
+            part.unlink(missing_ok=True)
+
+
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                errno.EFBIG, errno.EIO}
+
+
+def _about(error: OSError, *paths) -> bool:
+    """Whether an OSError is a failure to write one of ``paths`` (its folder, or the file
+    under a name HDF5 gives in its message), not one of reading an input."""
+    names = {str(p) for p in paths} | {Path(p).name for p in paths}
+    filename = getattr(error, "filename", None)
+    if filename is not None:
+        return str(filename) in names or Path(str(filename)).name in names
+    text = str(error)
+    return any(n in text for n in names) or getattr(error, "errno", None) in WRITE_ERRNOS
+
+
+@contextmanager
+def written_h5(path, nbytes: int = 0, **kw):
+    """An HDF5 file (h5py.File(..., "w", **kw)) written whole or not at all: made under
+    written_whole's temporary name, then given up (one WriteError, no file) unless its
+    disk has room for about ``nbytes`` (what it will hold, as check_room takes it); a
+    failed create or write abandons it (nothing more is written to it) and is one
+    WriteError naming ``path``. The room is checked before anything is written because
+    a write that fails in HDF5 (the disk filled by someone else meanwhile) may leave
+    objects that HDF5 cannot close (a crash at exit)."""
+    with written_whole(path) as part:
+        try:
+            f = h5py.File(part, "w", **kw)
+        except OSError as e:
+            raise WriteError(path, f"cannot create it ({failure_reason(e)})") from None
+        errors: list = []
+        try:
+            check_room(path, nbytes)
+            with _h5_errors_caught(errors):
+                yield f
+                f.flush()               # its last writes, the file still open: a failure
+                f.close()               # abandons it (a failed close would crash)
+        finally:
+            if f.id.valid:              # stopped by an error: nothing more written
+                abandon(f)
+        if errors:
+            raise WriteError(path, f"cannot write it ({failure_reason(errors[0])})")
 
 
 RUN_FILE = "{experiment}_Run{run:04d}.h5"      # smalldata_tools' name of a run's file

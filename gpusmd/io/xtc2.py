@@ -102,7 +102,6 @@ def write_xtc2(raw_path, out_path, events_per_read: int = 16) -> Path:
             raise RawFileError(f"{run.path}: configuration steps go back; XTC2 steps follow "
                                f"each other")
         event_nbytes = sum(m.raw_nbytes for m in run.detectors.values()) + 4096
-        out_path.parent.mkdir(parents=True, exist_ok=True)
         with written_whole(out_path) as part:
             w = _Writer(part, event_nbytes)
             try:
