@@ -214,3 +214,28 @@ def apply_columns(adu, good, starts, n_outer, outer_stride, run, ordered, count,
             for j in range(width):
                 t = np.float32(1) if (all_pixels or gd[j]) else np.float32(0)
                 v[j] = v[j] - c[j] * t
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def histogram(data, weight, slice_of_pixel, bin_of_slice, lo, hi, flags, out):
+    """cuda.histogram.histogram_numpy, bit for bit: per event, each counted pixel's
+    float32 value (0 below lo with flags & 1, above hi with flags & 2) x its weight added
+    in float64 to its slice in pixel order (as np.bincount adds), then the slices to
+    their bins in slice order. The events in parallel (a slice's pixels lie all over the
+    frame: splitting the pixels would change the order of its sum)."""
+    nb, npix = data.shape
+    nslices = bin_of_slice.shape[0]
+    for b in prange(nb):
+        partial = np.zeros(nslices + 1)
+        d = data[b]
+        for p in range(npix):
+            v = d[p]
+            if (flags & 1) and v < lo:
+                v = np.float32(0)
+            if (flags & 2) and v > hi:
+                v = np.float32(0)
+            partial[slice_of_pixel[p]] += np.float64(v * weight[p])
+        o = out[b]
+        o[:] = 0.0
+        for s in range(nslices):
+            o[bin_of_slice[s]] += partial[s]

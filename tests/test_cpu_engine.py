@@ -1,7 +1,7 @@
 """The compiled CPU engine (gpusmd.numba_kernels) gives the NumPy engine's numbers bit
 for bit: the calibration pass of every family, the split for the common mode and the
 gain after it, every group layout and median rule, every common-mode code that uses
-them; on any thread count. Without numba the NumPy engine runs, with a warning, and a
+them, the azimuthal histogram; on any thread count. Without numba the NumPy engine runs, with a warning, and a
 replay gives the same file."""
 import dataclasses
 import subprocess
@@ -169,6 +169,18 @@ def test_every_common_mode_code_equals_numpy(detector, code):
     assert stats.keys() == stats2.keys() and all(same(stats2[k], stats[k]) for k in stats)
 
 
+def test_the_azimuthal_histogram_equals_numpy():
+    """Random bins (some not counted), NaN values, each threshold."""
+    from gpusmd.cuda import hist_plan, histogram_compiled, histogram_numpy
+    rng = np.random.default_rng(5)
+    npix, nbins = 20000, 37
+    plan = hist_plan(rng.integers(-1, nbins + 3, npix), rng.random(npix), nbins)
+    data = rng.normal(0, 5, (3, npix)).astype(np.float32)
+    data[:, ::101] = np.nan
+    for lo, hi in ((None, None), (1.0, None), (None, 2.5), (-2.0, 3.5)):
+        assert same(histogram_compiled(data, plan, lo, hi), histogram_numpy(data, plan, lo, hi))
+
+
 def test_any_thread_count_gives_the_same_numbers():
     model, (_, numba_cal), raw = calibrators("jungfrau05M")
     cm = CommonMode(model, resolve("jungfrau", 7), engine="numba")
@@ -217,7 +229,8 @@ def test_thread_counts(monkeypatch):
 
 def test_a_replay_without_numba_gives_the_same_file(tmp_path):
     """numba hidden from a fresh process: the replay warns once, runs NumPy and writes
-    the file the compiled engine writes (calibration, common mode 7, ROI, sums)."""
+    the file the compiled engine writes (calibration, common mode 7, ROI, azimuthal
+    integration, sums)."""
     from gpusmd.io.compare import diff_files
     d = tmp_path
     dark_and_run(d, "jungfrau05M", 6, dark_events=4)
@@ -229,6 +242,7 @@ def test_a_replay_without_numba_gives_the_same_file(tmp_path):
             common_mode: 7
             functions:
               - {kind: roi, bounds: [[0, 1], [10, 300], [20, 600]]}
+              - {kind: azav, center: [0.0, 0.0], dis_to_sam: 100.0, qbin: 0.05, phiBins: 2}
             sums: [calib, calib_max]
         """))
     outs = {}

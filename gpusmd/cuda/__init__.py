@@ -49,7 +49,7 @@ from .projection import (
 )
 from .histogram import (
     HIST_BLOCK, HIST_LO, HIST_HI, HIST_LANES, HIST_SLICE, HIST_MAX_GRID_Y, HistPlan,
-    hist_plan, histogram_numpy, histogram_gpu, histogram_host,
+    hist_plan, histogram_compiled, histogram_numpy, histogram_gpu, histogram_host,
 )
 from .cspad import (
     CSPAD_SEG_SHAPE, CSPAD_BLOCK, CSPAD_HOST_BLOCK, CSPAD_MODE5_BLOCK, CSPAD_MAX_SLOTS,
@@ -67,7 +67,7 @@ __all__ = [
     "group_correct_gpu", "group_correct_host", "RUN_SUMS_MAX", "RUN_SUMS_BLOCK", "run_sums",
     "PROJECT_BLOCK", "PJ_LO", "PJ_HI", "PJ_SINGLE", "PJ_MEAN", "PJ_MASK", "project_gpu",
     "project_host", "HIST_BLOCK", "HIST_LO", "HIST_HI", "HIST_LANES", "HIST_SLICE",
-    "HIST_MAX_GRID_Y", "HistPlan", "hist_plan", "histogram_numpy", "histogram_gpu",
+    "HIST_MAX_GRID_Y", "HistPlan", "hist_plan", "histogram_compiled", "histogram_numpy", "histogram_gpu",
     "histogram_host", "CSPAD_SEG_SHAPE", "CSPAD_BLOCK", "CSPAD_HOST_BLOCK",
     "CSPAD_MODE5_BLOCK", "CSPAD_MAX_SLOTS", "CSPAD_INT_MAX", "pairwise_depth",
     "cspad_common_mode_gpu", "cspad_common_mode_host", "SPECTRUM_BLOCK",

@@ -105,6 +105,17 @@ def histogram_numpy(data, plan: HistPlan, lo=None, hi=None):
     return out
 
 
+def histogram_compiled(data, plan: HistPlan, lo=None, hi=None):
+    """histogram_numpy on the compiled CPU engine (gpusmd.numba_kernels), bit for bit."""
+    from ..cpu_engine import launch
+    data = np.ascontiguousarray(np.asarray(data, dtype=np.float32).reshape(len(data), -1))
+    out = np.empty((data.shape[0], plan.nbins))
+    flags = (HIST_LO if lo is not None else 0) | (HIST_HI if hi is not None else 0)
+    launch("histogram", data, plan.weight, plan.slice_of_pixel, plan.bin_of_slice,
+           np.float32(0 if lo is None else lo), np.float32(0 if hi is None else hi), flags, out)
+    return out
+
+
 def _hist_args(xp, data, plan: HistPlan, lo, hi):
     """(data (B, npix) f32, plan arrays in xp, npix, lo, hi, flags)."""
     data = xp.asarray(data, dtype=xp.float32)

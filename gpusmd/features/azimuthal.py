@@ -87,7 +87,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Where, check_type
-from ..cuda import hist_plan, histogram_gpu, histogram_numpy
+from ..cuda import hist_plan, histogram_compiled, histogram_gpu, histogram_numpy
 from ..geometry import detector_coords
 from . import Feature, register
 from .roi import parse_thresholds
@@ -502,6 +502,8 @@ class AzimuthalIntegration(Feature):
         data = calib.reshape(batch, -1)
         if self.backend.is_gpu:
             sums = histogram_gpu(data, self._plan, self.lo, self.hi)
+        elif self.backend.compiled:
+            sums = histogram_compiled(data, self._plan, self.lo, self.hi)
         else:
             sums = histogram_numpy(data, self._plan, self.lo, self.hi)
         azav = (sums * self._inv_counts[None, :]).astype(xp.float32)
