@@ -176,3 +176,37 @@ def test_concurrent_writes_and_reads():
         assert m.get("events") == 8000
     finally:
         m.close()
+
+
+def test_a_port_in_use_or_a_bad_host_is_one_error():
+    from gpusmd.errors import GpusmdError
+    with Metrics("sink", port=0) as busy:
+        with pytest.raises(GpusmdError, match=f"127.0.0.1:{busy.port}: cannot listen .*"
+                                              f"another service running there"):
+            Metrics("ingest", port=busy.port)
+    with pytest.raises(GpusmdError, match="nosuch.invalid:0: cannot listen"):
+        Metrics("ingest", port=0, host="nosuch.invalid")
+
+
+@pytest.mark.parametrize("service", ["ingest", "sink"])
+def test_a_service_on_a_metrics_port_in_use_says_one_line(tmp_path, service):
+    """`gpusmd ingest|sink --metrics-port` on a port in use, or `--metrics-host` a name
+    that does not resolve: one line naming host:port, exit 2 (no traceback)."""
+    import subprocess
+    import sys
+    from gpusmd.services.local import free_port
+    (tmp_path / "run.yaml").write_text("detectors:\n  camera: {}\n")
+    addresses = [a for key in ("--ingest-in", "--ingest-work", "--ingest-ack", "--sink-in")
+                 for a in (key, f"tcp://127.0.0.1:{free_port()}")]
+    with Metrics("other", port=0) as busy:
+        for args, words in ((["--metrics-port", str(busy.port)],
+                             f"127.0.0.1:{busy.port}: cannot listen"),
+                            (["--metrics-port", "0", "--metrics-host", "nosuch.invalid"],
+                             "nosuch.invalid:0: cannot listen")):
+            r = subprocess.run([sys.executable, "-m", "gpusmd.cli", service, "--config",
+                                "run.yaml", "-o" if service == "sink" else "--once",
+                                *(["out.h5"] if service == "sink" else []), *addresses, *args],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(lines) == 1, r.stderr
+            assert lines[0].startswith("gpusmd: error: metrics endpoint ") and words in lines[0]

@@ -10,16 +10,20 @@ one line on the logger ``gpusmd.<service>``::
 then the other counters as totals). With ``port`` set, ``GET /metrics`` serves
 :meth:`Metrics.render` in the Prometheus text format from a daemon thread, on
 ``127.0.0.1`` unless a host is given (``0.0.0.0``: every interface, so that other hosts
-can scrape it).
+can scrape it). A port in use or a host that cannot be listened on is one GpusmdError
+naming host:port.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from ..errors import GpusmdError
 
 __all__ = ["Metrics", "sanitize_name"]
 
@@ -201,7 +205,13 @@ class Metrics:
             def log_message(self, format, *args):  # quiet: no request log on stderr
                 pass
 
-        server = ThreadingHTTPServer((host, port), Handler)
+        try:
+            server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as e:        # in use, a host that is not one of this one's, no such name
+            hint = ("; is another service running there?" if e.errno == errno.EADDRINUSE
+                    else "")
+            raise GpusmdError(f"metrics endpoint {host}:{port}: cannot listen "
+                              f"({e.strerror or e}){hint}") from None
         server.daemon_threads = True
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
