@@ -3,6 +3,8 @@ from simulated raw runs; their replay, dark and services file equal those of the
 file; psana's det.raw.calib (constants injected) equals gpusmd's calibration bit for
 bit; epix10ka gain ranges decoded from a configuration in psana's ASIC order equal
 psana's; bad psana sources are refused in one line, before any output."""
+import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -272,38 +274,143 @@ def test_epix10ka_gain_ranges_equal_psanas(tmp_path):
 
 
 # ---- bad sources -----------------------------------------------------------------------------
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "gpusmd.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_bad_psana_sources_fail_in_one_line_before_any_output(twins, tmp_path):
+    """replay, dark and publish: rc 2, one line naming the source (and the detector),
+    nothing on stdout (psana's C++ prints its read errors there), no file made. The CLI
+    runs go in parallel (psana sleeps a second on a bad datagram)."""
     d = twins("epix100")
     write_config(d, "epix100", CONFIGS["epix100"])
-    (tmp_path / "garbage.xtc2").write_bytes(b"not an xtc2 file" * 100)
-    cases = [(tmp_path / "missing.xtc2", "XTC2 file not found"),
-             (tmp_path / "garbage.xtc2", "psana cannot read it"),
-             ("exp=xpp:runs=3", "not a psana source"),
-             ("exp=xpp:run=x", "is not a number")]
-    for source, message in cases:
-        out = tmp_path / "out.h5"
-        r = run_cli("replay", source, "--config", d / "run.yaml", "-o", out, cwd=tmp_path)
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("gpusmd: error: "), r.stderr
-        assert str(source) in lines[0] and message in lines[0], lines[0]
-        assert not out.exists()
-    # a detector the run lacks: the error names the source and the detector
     (d / "other.yaml").write_text("detectors:\n  jungfrau9:\n    calib: constants.h5\n")
-    r = run_cli("replay", d / "run.xtc2", "--config", d / "other.yaml", "-o", tmp_path / "o.h5",
-                cwd=tmp_path)
-    assert r.returncode == 2
-    assert "run.xtc2" in r.stderr and "'jungfrau9'" in r.stderr and "epix100" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o.h5").exists()
+    missing, garbage = tmp_path / "missing.xtc2", tmp_path / "garbage.xtc2"
+    empty, cut = tmp_path / "empty.xtc2", tmp_path / "cut.xtc2"
+    garbage.write_bytes(b"not an xtc2 file" * 100)
+    empty.write_bytes(b"")
+    cut.write_bytes((d / "run.xtc2").read_bytes()[:10])      # inside its first header
+    shmem = f"shmem=gpusmd_absent_{os.getpid()}"
+    unreadable = "psana cannot read it: no XTC2 datagram at its start"
+    cfg, out = ["--config", d / "run.yaml"], ["-o", tmp_path / "out.h5"]
+    cases = [(["replay", missing, *cfg, *out], "XTC2 file not found"),
+             (["replay", garbage, *cfg, *out], unreadable),
+             (["replay", "exp=xpp:runs=3", *cfg, *out], "not a psana source"),
+             (["replay", "exp=xpp:run=x", *cfg, *out], "is not a number"),
+             (["replay", shmem, *cfg, *out],
+              f"no DAQ shared memory 'gpusmd_absent_{os.getpid()}' on this host"),
+             (["dark", missing, *out], "XTC2 file not found"),
+             (["dark", empty, *out], "psana cannot read it: the file is empty"),
+             (["publish", missing, *cfg], "XTC2 file not found"),
+             (["publish", cut, *cfg], unreadable)]
+    # a detector the run lacks: the error names the source and the detector
+    lacks = [d / "run.xtc2", "--config", d / "other.yaml"]
+    cases += [(["replay", *lacks, *out], "no detector 'jungfrau9'"),
+              (["publish", *lacks], "no detector 'jungfrau9'")]
+    before = sorted(tmp_path.iterdir())
+    procs = [subprocess.Popen([sys.executable, "-m", "gpusmd.cli", *map(str, args)],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for args, _ in cases]
+    try:
+        for (args, message), p in zip(cases, procs):
+            stdout, stderr = p.communicate(timeout=120)
+            assert p.returncode == 2, (args, stderr)
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("gpusmd: error: "), (args, stderr)
+            assert str(args[1]) in lines[0] and message in lines[0], lines[0]
+            assert "'Logger' object" not in lines[0], lines[0]
+            if "jungfrau9" in message:
+                assert "epix100" in lines[0], lines[0]          # what the run has
+            assert stdout == "", (args, stdout)
+    finally:
+        for p in procs:              # psana waiting for a DAQ ignores SIGTERM
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert sorted(tmp_path.iterdir()) == before                # no output file
     (tmp_path / "empty").mkdir()
     with pytest.raises(RawFileError, match="no .xtc2 files"):
         open_run(tmp_path / "empty")
+
+
+def test_a_run_cut_short_is_said_and_recorded(twins, tmp_path, caplog, capfd):
+    """An XTC2 file cut inside an event: psana ends the run there as if it were whole
+    (printing its read error on stdout); the replay has an /errors row and a warning."""
+    import ctypes
+    import h5py
+    det = "epix100"
+    d = twins(det)
+    config = write_config(d, det, CONFIGS[det])
+    data = (d / "run.xtc2").read_bytes()
+    (tmp_path / "cut.xtc2").write_bytes(data[:len(data) * 2 // 3])
+    caplog.set_level(logging.WARNING, logger="gpusmd.psana")
+    s = replay(tmp_path / "cut.xtc2", config, tmp_path / "out.h5", CPU, progress=False)
+    assert s.n_events == 3
+    sys.stdout.flush()
+    ctypes.CDLL(None).fflush(None)       # what C's stdio holds back, out to fd 1 now
+    assert capfd.readouterr().out == ""
+    warned = [r.getMessage() for r in caplog.records if "cut short" in r.getMessage()]
+    assert len(warned) == 1 and "cut.xtc2" in warned[0] and "after 3 events" in warned[0]
+    with h5py.File(tmp_path / "out.h5", "r") as f:
+        assert f["errors/event_id"][:].tolist() == [-1]
+        assert f["errors/stage"][:].tolist() == [b"read"]
+        reason = f["errors/reason"][0].decode()
+        assert "datagram read error after 3 events" in reason and "cut short" in reason
+        assert f.attrs["n_errors"] == 1
+
+
+# ---- a live source: shmem=NAME ---------------------------------------------------------------
+def posix_queue(name):
+    """A POSIX message queue ``name`` for the time of a with block (a stand-in DAQ's)."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mq_open.restype = ctypes.c_int
+    libc.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+
+    @contextlib.contextmanager
+    def made():
+        fd = libc.mq_open(name.encode(), os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600, None)
+        assert fd != -1, os.strerror(ctypes.get_errno())
+        try:
+            yield
+        finally:
+            libc.mq_close(fd)
+            libc.mq_unlink(name.encode())
+    return made()
+
+
+def test_shmem_source_asks_psana_for_the_daq_or_refuses_at_once():
+    """shmem=NAME: psana waits forever (in C, deaf to Ctrl-C) for the DAQ monitor's
+    discovery queue; without it the source is refused before psana is asked; with it
+    psana gets shmem=NAME and no calibration load, and the run is live."""
+    from types import SimpleNamespace
+    from gpusmd.io.psana_run import PsanaRun, daq_queue, daq_queue_exists
+    name = f"gpusmd_test_{os.getpid()}"
+    asked = []
+
+    def datasource(**kwargs):
+        asked.append(kwargs)
+        run = SimpleNamespace(runnum=7, expt="xpp1234", detinfo={}, configs=[])
+        return SimpleNamespace(runs=lambda: iter([run]))
+
+    assert daq_queue_exists(name) is False
+    with pytest.raises(RawFileError) as e:
+        PsanaRun(f"shmem={name}", open_datasource=datasource)
+    assert str(e.value) == (f"shmem={name}: no DAQ shared memory '{name}' on this host (no "
+                            f"/PdsFromMonitorDiscovery_{name} queue): is the DAQ's monitor "
+                            f"running?")
+    assert asked == []
+    with posix_queue(daq_queue(name)):
+        assert daq_queue_exists(name) is True
+        run = PsanaRun(f"shmem={name}", open_datasource=datasource)
+    assert asked == [{"shmem": name, "skip_calib_load": "all"}]
+    assert run.live and (run.run, run.experiment, run.name) == (7, "xpp1234", f"shmem={name}")
+    assert run.detectors == {} and run.scalar_dtypes == {}
+    # the queue checked is the one psana's shmem client waits for (its test time-out ends
+    # the wait after a second)
+    r = subprocess.run([sys.executable, "-c", "from psana import DataSource\n"
+                        f"try: DataSource(shmem={name!r}, skip_calib_load='all')\n"
+                        "except Exception: pass"], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PSANA_TESTS_SHMEM_TMO": "1"})
+    assert f"Waiting for queue {daq_queue(name)} to appear" in r.stdout, r.stdout + r.stderr
 
 
 # ---- psana's constants where the config names none -------------------------------------------

@@ -21,10 +21,28 @@ takes its constants from it (``calib_constants``).
   psana's, converted to ns since the Unix epoch.
 - An event that lacks a frame (a segment missing, damage) is skipped and recorded in the
   next batch's ``errors``; events are only counted when the run has been read to its end.
+- psana's C++ prints its read errors on stdout (fd 1): while psana opens the run and
+  reads each datagram, fd 1 goes to a temporary file (psana_stdout). What it said is put
+  in the error where opening fails (an unreadable file: "no XTC2 datagram at its start"),
+  else logged; a run whose reading ends in a datagram read error (a file cut short: psana
+  ends the run there as if it were complete) gets an ``errors`` row (event id -1, stage
+  ``read``) and a warning.
+- ``shmem=NAME``: psana waits, in C and deaf to signals, for the DAQ monitor's POSIX
+  message queue ``/PdsFromMonitorDiscovery_NAME``; without it on this host the source is
+  refused at once.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import io
 import logging
+import os
+import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +62,123 @@ NOT_SCALARS = {"runinfo", "scan", "step_value", "step_docstring", "epicsinfo", "
                EVENT_ID_DETECTOR}
 _NUMERIC_TYPES = {0: np.uint8, 1: np.uint16, 2: np.uint32, 3: np.uint64, 4: np.int8,
                   5: np.int16, 6: np.int32, 7: np.int64, 8: np.float32, 9: np.float64}
+
+
+# ---- psana's stdout ------------------------------------------------------------------------
+_STDOUT_LOCK = threading.RLock()     # one fd 1 per process: captures never overlap
+_stdout_state = {"depth": 0, "tmp": None}
+READ_ERROR_WORDS = ("read error", "Problem reading dgram")
+_END = object()
+
+
+def _c_fflush():
+    try:
+        return ctypes.CDLL(None).fflush
+    except (OSError, AttributeError):
+        return None
+
+
+_FFLUSH = _c_fflush()
+
+
+def _flush_stdout():
+    """Python's and C's stdout buffers out to fd 1 (psana's C++ prints through C stdio)."""
+    try:
+        sys.stdout.flush()
+    except Exception:            # a closed or odd sys.stdout: nothing of ours to flush
+        pass
+    if _FFLUSH is not None:
+        _FFLUSH(None)
+
+
+@contextlib.contextmanager
+def psana_stdout(said: list):
+    """fd 1 into a temporary file while psana works; what was written there meanwhile
+    (psana's C++ and Python prints, one line, whitespace collapsed) is appended to
+    ``said``. fd 1 is restored on every path; a capture inside another is the outer
+    one's. Process-wide (one fd 1): another thread's print meanwhile lands in ``said``."""
+    with _STDOUT_LOCK:
+        st = _stdout_state
+        outer = st["depth"] == 0
+        st["depth"] += 1
+        saved = py_stdout = buf = None
+        try:
+            if outer:
+                _flush_stdout()
+                if st["tmp"] is None:
+                    st["tmp"] = tempfile.TemporaryFile()
+                try:
+                    saved = os.dup(1)
+                except OSError:          # no fd 1 at all: nothing to keep clean
+                    saved = None
+                if saved is not None:
+                    os.dup2(st["tmp"].fileno(), 1)
+                # psana's Python prints go to sys.stdout, which need not be fd 1
+                buf = io.StringIO()
+                py_stdout, sys.stdout = sys.stdout, buf
+            yield said
+        finally:
+            st["depth"] -= 1
+            if outer:
+                printed = buf.getvalue() if buf is not None else ""
+                if buf is not None:
+                    sys.stdout = py_stdout
+                if saved is not None:
+                    _flush_stdout()
+                    os.dup2(saved, 1)
+                    os.close(saved)
+                text = " ".join(f"{_take(st['tmp'].fileno())} {printed}".split())
+                if text:
+                    said.append(text)
+
+
+def _take(fd: int) -> str:
+    """The text in the file ``fd`` (whitespace collapsed), the file emptied."""
+    if not os.fstat(fd).st_size:
+        return ""
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return " ".join(b"".join(chunks).decode(errors="replace").split())
+
+
+def _psana_error(e: BaseException) -> BaseException:
+    """The error psana raised: the one under psana's own failure to log it (its
+    singlefile_ds calls a ``logger.exception`` its Logger lacks)."""
+    while isinstance(e, AttributeError) and "'Logger' object" in str(e) \
+            and e.__context__ is not None:
+        e = e.__context__
+    return e
+
+
+# ---- the DAQ's shared memory ---------------------------------------------------------------
+def daq_queue(name: str) -> str:
+    """The POSIX message queue a psana shmem client waits for (psana's ShmemClient)."""
+    return f"/PdsFromMonitorDiscovery_{name}"
+
+
+def daq_queue_exists(name: str) -> bool | None:
+    """Whether the DAQ monitor's discovery queue of ``name`` is on this host (None: it
+    cannot be told here, no mq_open)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        mq_open = libc.mq_open
+    except (OSError, AttributeError):
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("rt"), use_errno=True)
+            mq_open = libc.mq_open
+        except (OSError, AttributeError, TypeError):
+            return None
+    mq_open.restype, mq_open.argtypes = ctypes.c_int, [ctypes.c_char_p, ctypes.c_int]
+    fd = mq_open(daq_queue(name).encode(), os.O_RDONLY | os.O_NONBLOCK)
+    if fd == -1:
+        err = ctypes.get_errno()
+        return False if err == errno.ENOENT else None
+    libc.mq_close(fd)
+    return True
 
 
 def _import_psana():
@@ -105,18 +240,51 @@ class PsanaRun:
         self.missing_scalars: dict[str, int] = {}
         self._bits: dict[str, dict[int, np.ndarray]] = {d: {} for d in self.detectors}
         self._all_steps_known = False
+        self.read_error: str | None = None     # psana's datagram read error (_read)
+        self._said_cut = False
+        self._said: set[str] = set()           # what psana printed, logged once
 
     # ---- opening -----------------------------------------------------------------------
     def _open(self):
-        try:
-            ds = self._open_datasource(**self._kwargs, skip_calib_load="all")
-            run = next(ds.runs())
-        except StopIteration:
-            raise RawFileError(f"{self.source}: psana finds no run in it") from None
-        except Exception as e:       # psana raises many kinds; each is one line here
-            raise RawFileError(f"{self.source}: psana cannot read it: "
-                               f"{type(e).__name__}: {e}") from None
+        if self.live and daq_queue_exists(self._kwargs["shmem"]) is False:
+            raise RawFileError(f"{self.source}: no DAQ shared memory "
+                               f"{self._kwargs['shmem']!r} on this host (no "
+                               f"{daq_queue(self._kwargs['shmem'])} queue): is the DAQ's "
+                               f"monitor running?")
+        said: list[str] = []         # psana's words: its error, what it printed
+        failure = None
+        with psana_stdout(said):
+            try:
+                ds = self._open_datasource(**self._kwargs, skip_calib_load="all")
+                runs = ds.runs()
+            except Exception as e:   # psana raises many kinds; each is one line here
+                failure = self._unreadable(_psana_error(e), said)
+            else:
+                try:
+                    run = next(runs)
+                except StopIteration:
+                    failure = "psana finds no run in it"
+                except Exception as e:
+                    failure = self._unreadable(_psana_error(e), said)
+        if failure is not None:
+            raise RawFileError(f"{self.source}: {failure}"
+                               + (f" (psana: {'; '.join(said)})" if said else ""))
+        if said:
+            log.warning("%s: psana printed: %s", self.source, "; ".join(said))
         return ds, run
+
+    def _unreadable(self, e: BaseException, said: list) -> str:
+        """Why psana could not open the source, in plain words; psana's own in ``said``."""
+        files = self._kwargs.get("files")
+        files = [files] if isinstance(files, str) else files or []
+        if isinstance(e, StopIteration):        # psana's "no datagram could be read"
+            why = str(e).replace(" -- Success", "")     # errno 0 said as a reason
+            if why:
+                said.insert(0, why)
+            if files and all(os.path.getsize(f) == 0 for f in files):
+                return "psana cannot read it: the file is empty"
+            return "psana cannot read it: no XTC2 datagram at its start"
+        return f"psana cannot read it: {type(e).__name__}: {e}"
 
     def _find_detectors(self, wanted):
         names = sorted({name for name, drp in self._run.detinfo if drp == "raw"})
@@ -219,7 +387,7 @@ class PsanaRun:
             if self.live:
                 self._record_step(0)
             else:
-                for k, _ in enumerate(self._fresh_run().steps()):
+                for k, _ in enumerate(self._read(self._fresh_run().steps())):
                     self._record_step(k)
             self._all_steps_known = True
         return dict(self._bits[det])
@@ -237,10 +405,42 @@ class PsanaRun:
 
     def _events(self, run):
         """(step, evt) of every event, from the start of the run."""
-        for k, step in enumerate(run.steps()):
+        self.read_error = None
+        for k, step in enumerate(self._read(run.steps())):
             self._record_step(k)
-            for evt in step.events():
+            for evt in self._read(step.events()):
                 yield k, evt
+
+    def _read(self, items):
+        """The items of one of psana's iterators, each read with psana's stdout captured
+        (psana_stdout): a datagram read error it prints is kept in ``read_error`` (psana
+        ends the run there as if it were whole), anything else it prints is logged (each
+        text once)."""
+        items = iter(items)
+        while True:
+            said: list[str] = []
+            with psana_stdout(said):
+                item = next(items, _END)
+            for text in said:
+                if any(w in text for w in READ_ERROR_WORDS):
+                    self.read_error = self.read_error or text
+                elif text not in self._said:
+                    self._said.add(text)
+                    log.warning("%s: psana printed: %s", self.source, text)
+            if item is _END:
+                return
+            yield item
+
+    def _cut_short(self, n: int) -> str | None:
+        """Why the run read to its end is cut short (a datagram read error), said once."""
+        if self.read_error is None:
+            return None
+        why = (f"psana's reading ended in a datagram read error after {n} events: the run "
+               f"is cut short there (psana: {self.read_error})")
+        if not self._said_cut:
+            log.warning("%s: %s", self.source, why)
+            self._said_cut = True
+        return why
 
     def _scalar(self, name, evt):
         (det, drp, field), t = self._scalars[name]
@@ -254,6 +454,7 @@ class PsanaRun:
         """The run's events, counted by reading it through once (frames not read)."""
         if self.n_events is None:
             self.n_events = sum(1 for _ in self._events(self._fresh_run()))
+            self._cut_short(self.n_events)
         return self.n_events
 
     def batches(self, batch_size: int, max_events: int | None = None, detectors=None,
@@ -307,6 +508,9 @@ class PsanaRun:
                 yield flush()
         else:
             self.n_events = index
+            why = self._cut_short(index)
+            if why is not None:
+                errors.append((-1, "read", why))
         last = flush()
         if last is not None:
             yield last
