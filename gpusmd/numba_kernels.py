@@ -21,6 +21,20 @@ GROUP_JOBS = 64                  # jobs per frame of the group passes
 # as calibrate.switched does it with arrays.
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _adc(r, adc_mask):
+    """The ADC value of a raw word as float32 (adc_mask 0: the raw value itself)."""
+    return np.float32(r & adc_mask) if adc_mask else np.float32(r)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _switch_state(r, state_mask):
+    """The table row of a raw word's gain-switch bits (calibrate.switched): 0 for the
+    words below 0x4000, the dense pass's row, which the sparse pass leaves alone."""
+    u = np.int64(r) & 0xFFFF
+    return (u >> 14) & state_mask if u >= 0x4000 else 0
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def calibrate_switch(raw, ped, scale, adc_mask, out):
     """out = (adc - ped[state]) * scale[state] per pixel; raw (B, npix) uint16 or int16,
@@ -32,19 +46,14 @@ def calibrate_switch(raw, ped, scale, adc_mask, out):
         b, lo = job // nblock, (job % nblock) * PIXEL_BLOCK
         hi = min(lo + PIXEL_BLOCK, npix)
         r, o, p0, s0 = raw[b, lo:hi], out[b, lo:hi], ped[0, lo:hi], scale[0, lo:hi]
-        if adc_mask:
-            for i in range(hi - lo):
-                o[i] = (np.float32(r[i] & adc_mask) - p0[i]) * s0[i]
-        else:
-            for i in range(hi - lo):
-                o[i] = (np.float32(r[i]) - p0[i]) * s0[i]
+        for i in range(hi - lo):
+            o[i] = (_adc(r[i], adc_mask) - p0[i]) * s0[i]
         if ped.shape[0] > 1:
             pt, st, state_mask = ped[:, lo:hi], scale[:, lo:hi], ped.shape[0] - 1
             for i in range(hi - lo):
-                u = np.int64(r[i]) & 0xFFFF
-                if u >= 0x4000:
-                    s = (u >> 14) & state_mask
-                    o[i] = (np.float32(r[i] & adc_mask) - pt[s, i]) * st[s, i]
+                s = _switch_state(r[i], state_mask)
+                if s:
+                    o[i] = (_adc(r[i], adc_mask) - pt[s, i]) * st[s, i]
     return out
 
 
@@ -57,22 +66,17 @@ def split_switch(raw, ped, good, adc_mask, adu, voting):
     for job in prange(nb * nblock):
         b, lo = job // nblock, (job % nblock) * PIXEL_BLOCK
         hi = min(lo + PIXEL_BLOCK, npix)
-        r, a, v, p0, g0 = raw[b, lo:hi], adu[b, lo:hi], voting[b, lo:hi], ped[0, lo:hi], good[0, lo:hi]
-        if adc_mask:
-            for i in range(hi - lo):
-                a[i] = np.float32(r[i] & adc_mask) - p0[i]
-        else:
-            for i in range(hi - lo):
-                a[i] = np.float32(r[i]) - p0[i]
+        r, a, v = raw[b, lo:hi], adu[b, lo:hi], voting[b, lo:hi]
+        p0, g0 = ped[0, lo:hi], good[0, lo:hi]
         for i in range(hi - lo):
+            a[i] = _adc(r[i], adc_mask) - p0[i]
             v[i] = g0[i]
         if ped.shape[0] > 1:
             pt, gt, state_mask = ped[:, lo:hi], good[:, lo:hi], ped.shape[0] - 1
             for i in range(hi - lo):
-                u = np.int64(r[i]) & 0xFFFF
-                if u >= 0x4000:
-                    s = (u >> 14) & state_mask
-                    a[i] = np.float32(r[i] & adc_mask) - pt[s, i]
+                s = _switch_state(r[i], state_mask)
+                if s:
+                    a[i] = _adc(r[i], adc_mask) - pt[s, i]
                     v[i] = gt[s, i]
 
 
@@ -90,9 +94,9 @@ def apply_scale(raw, scale, adu, out):
         if scale.shape[0] > 1:
             st, state_mask = scale[:, lo:hi], scale.shape[0] - 1
             for i in range(hi - lo):
-                u = np.int64(r[i]) & 0xFFFF
-                if u >= 0x4000:
-                    o[i] = a[i] * st[(u >> 14) & state_mask, i]
+                s = _switch_state(r[i], state_mask)
+                if s:
+                    o[i] = a[i] * st[s, i]
     return out
 
 
