@@ -1,6 +1,7 @@
 """gpusmd's constants in psana's form and back: exact arrays, psana's loader reads the
 files, and psana's own calibration of a run with the converted constants equals
 gpusmd's bit for bit."""
+import os
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from gpusmd.calib.dark import process_dark
 from gpusmd.calib.masks import pixel_masks
 from gpusmd.cli import main
 from gpusmd.detectors import get_detector
-from gpusmd.errors import ConstantsError
+from gpusmd.errors import ConstantsError, GpusmdError
 from gpusmd.io.raw import RawRun
 from gpusmd.io.xtc2 import write_xtc2
 
@@ -273,3 +274,28 @@ def test_cli(runs, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the calibration database could not be reached" in err
     assert not (tmp_path / "db.h5").exists()
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A constants file that fails half-written (a full disk) is one error naming it, and
+    neither it nor a temporary file is left; the sidecar is not written."""
+    import errno
+    cc = {"pedestals": (np.zeros((2, 3), np.float32), {}),
+          "pixel_gain": (np.ones((2, 3), np.float32), {})}
+    save = np.save
+
+    def fails_on_gain(f, a, *args, **kw):
+        if a.dtype == np.float32 and a.min() == 1:
+            f.write(b"\x93NUMPY half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(f, a, *args, **kw)
+
+    monkeypatch.setattr(np, "save", fails_on_gain)
+    with pytest.raises(GpusmdError, match=r"pixel_gain\.npy: cannot write it \(no space left"):
+        pc.write_psana_dir(cc, tmp_path / "ps", detname="jf", fmt="npy")
+    assert sorted(os.listdir(tmp_path / "ps")) == ["pedestals.npy"]
+    monkeypatch.undo()
+    files = pc.write_psana_dir(cc, tmp_path / "ps", detname="jf", fmt="data", force=True)
+    assert sorted(os.listdir(tmp_path / "ps")) == sorted(p.name for p in files)
+    header = (tmp_path / "ps" / "pedestals.data").read_text()
+    assert f"FILE_NAME   {tmp_path / 'ps' / 'pedestals.data'}" in header

@@ -306,14 +306,17 @@ def write_psana_dir(calibconst: dict, directory, detname: str | None = None,
         a = np.ascontiguousarray(a)
         path = directory / f"{ctype}.{fmt}"
         meta = _meta(calibconst, ctype)
-        if fmt == "npy":
-            np.save(path, a)
-        else:
-            cmts = (f"TITLE       {ctype} of {detname} (gpusmd {__version__})",
-                    f"EXPERIMENT  {experiment}", f"DETECTOR    {detname}",
-                    f"CALIB_TYPE  {ctype}")
-            save_txt(str(path), a.copy(), cmts=cmts,
-                     fmt=TEXT_FORMATS.get(ctype, "%.9g" if a.dtype.kind == "f" else "%d"))
+        with written_whole(path) as part:           # whole or absent
+            if fmt == "npy":
+                with open(part, "wb") as f:
+                    np.save(f, a)
+            else:
+                cmts = (f"TITLE       {ctype} of {detname} (gpusmd {__version__})",
+                        f"EXPERIMENT  {experiment}", f"DETECTOR    {detname}",
+                        f"CALIB_TYPE  {ctype}")
+                with open(part, "w") as f:      # its header names the file, not the part
+                    save_txt(_Named(f, str(path)), a.copy(), cmts=cmts,
+                             fmt=TEXT_FORMATS.get(ctype, "%.9g" if a.dtype.kind == "f" else "%d"))
         written.append(path)
         files[ctype] = {"file": path.name, "dtype": str(a.dtype), "shape": list(a.shape),
                         "metadata": {k: v for k, v in meta.items()
@@ -332,8 +335,23 @@ def write_psana_dir(calibconst: dict, directory, detname: str | None = None,
         ext = {}
     if ext.get("gpusmd_type"):
         sidecar["type"] = ext["gpusmd_type"]
-    (directory / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+    with written_whole(directory / SIDECAR) as part:
+        part.write_text(json.dumps(sidecar, indent=1) + "\n")
     return [*written, directory / SIDECAR]
+
+
+class _Named:
+    """An open text file that a writer taking a file name (psana's save_txt, which puts
+    the name in its header) writes to, under the name ``name``."""
+
+    def __init__(self, f, name: str):
+        self.f, self.name = f, name
+
+    def write(self, text):
+        return self.f.write(text)
+
+    def __str__(self):
+        return self.name
 
 
 def _load_file(path: Path) -> np.ndarray:
