@@ -431,7 +431,7 @@ def test_the_sink_on_a_full_disk_stops_in_one_line(d, small_disk):
         chain.stop()
     assert chain.sink.returncode == 2
     errors = [line for line in (d / "logs_full" / "sink.log").read_text().splitlines()
-              if "error" in line.lower()]
+              if "gpusmd: error" in line or "Traceback" in line]
     assert len(errors) == 1 and errors[0].startswith(f"gpusmd: error: {out}: no space left "
                                                      f"on device after"), errors
     n = assert_prefix_of_reference(d, out)
