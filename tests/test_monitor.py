@@ -286,7 +286,9 @@ def test_monitor_during_a_run_then_no_data(setup):
     with Monitor(address, port=0, silent_s=3.0) as monitor:
         chain = LocalServices(d / "run.yaml", d / "out.h5", 2, "cpu", log_dir=d / "logs").start()
         try:
-            publish_in_thread(chain, d / "run.h5", rate=8.0)
+            # 6 s of events: the run outlasts the services' start on a loaded machine
+            # (a sink up 2.5 s late took all 24 events of a 3 s run at once)
+            publish_in_thread(chain, d / "run.h5", rate=4.0)
 
             def live():
                 s = json.loads(get(f"{monitor.url}/state.json")[2])
