@@ -122,7 +122,7 @@ def main():
     ours, theirs, worst = bench_azav(args.events)
     rows = [["azimuthal integration, 2.16 Mpixel, 500 q bins, pol + solid angle",
              "pyFAI integrate1d (no split, CSR, cython, 1 thread)", f"{theirs:.1f}", "1.0"],
-            ["", "gpusmd CPU backend (NumPy histogram)", f"{ours:.1f}", f"{ours / theirs:.2f}"]]
+            ["", f"gpusmd CPU backend ({CPU.label})", f"{ours:.1f}", f"{ours / theirs:.2f}"]]
     drop, chain = bench_droplets(args.events * 4, args.workdir or Path(tempfile.mkdtemp()))
     rows += [["epix100: droplet + droplet2photons + photons", "gpusmd CPU backend, features",
               f"{drop:.1f}", ""],
