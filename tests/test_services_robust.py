@@ -569,7 +569,7 @@ def test_forged_control_messages_change_nothing(chain):
 
 def test_an_early_end_loses_nothing_and_a_late_one_is_waited_for(chain):
     """Ends injected by another local process (no keys), after 31 events with a short
-    count and with none, after 61 with the full count: a run whose begin_run carries an
+    count, with none and with malformed ones, after 61 with the full count: a run whose begin_run carries an
     end_token (as gpusmd publish sends it) refuses them, even while its source pauses
     longer than end_quiet_s; a run without (an older source) takes them as lower bounds
     and ends once every event came and its source is quiet. Either way every event is
@@ -585,7 +585,9 @@ def test_an_early_end_loses_nothing_and_a_late_one_is_waited_for(chain):
                 source.send(encode(h, a))
                 if i in (30, 60):
                     time.sleep(0.2)
-                    forged = ([{"n_events": 31}, {}, {"n_events": 31, "end_token": "x" * 32}]
+                    forged = ([{"n_events": 31}, {}, {"n_events": 31, "end_token": "x" * 32},
+                               *({"n_events": bad} for bad in ("abc", -1, 2 ** 64 - 1, 1.5,
+                                                               True, [31]))]
                               if i == 30 else [{"n_events": N}])
                     for fields in forged:
                         other.send(encode({"kind": "end", "run": run, **fields}))
@@ -594,7 +596,11 @@ def test_an_early_end_loses_nothing_and_a_late_one_is_waited_for(chain):
             source.send(encode(end if token is None else {**end, "end_token": token}))
             out = written(chain, run)
             assert_rows(out, chain)
-            assert error_rows(out) == []
+            # a malformed end is one /errors row where it is read (a tokened run refuses
+            # every end without its token before reading it)
+            assert [row[2] for row in error_rows(out)] == ([] if token else [
+                f"end: n_events must be a count, got {bad!r}"
+                for bad in ("abc", -1, 2 ** 64 - 1, 1.5, True, [31])])
             with h5py.File(out, "r") as f:
                 assert f.attrs["complete"] == 1 and f.attrs["n_events"] == N
         assert log_text(chain, "ingest").count("without its begin_run's end_token: refused")
