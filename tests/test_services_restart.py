@@ -2,6 +2,7 @@
 run with every event once (the same file as an uninterrupted run); a killed ingest
 leaves a file the sink closes incomplete, saying what is missing; no shared-memory file
 is left behind."""
+import random
 import signal
 import subprocess
 import sys
@@ -95,13 +96,17 @@ def test_a_sink_killed_and_started_again_completes_the_run(d, kills):
 
 
 def test_a_killed_ingest_leaves_a_file_closed_incomplete_with_what_is_missing(d):
-    """kill -9 of the ingest mid-run: within ingest_timeout_s the sink closes the file,
-    incomplete, with the reason and the missing batch ranges in /errors (stage
-    "missing"); every event it holds is the in-process file's. No slot file is left."""
+    """kill -9 of the ingest at a random moment of the run (once the sink has a random
+    number of rows): within ingest_timeout_s the sink closes the file, incomplete, with
+    the reason and the missing batch ranges in /errors (stage "missing"); every event it
+    holds is the in-process file's. No slot file is left."""
     out = d / "ingest_killed.h5"
+    seed = time.time_ns()
+    at = random.Random(seed).randrange(1, 2 * N_EVENTS // 3)
+    print(f"killing the ingest once the sink has {at} rows (seed {seed})")
     chain = start(d, "ingest", out, worker_args=["--delay-ms", "40"])
     try:
-        wait_for(lambda: rows(out) >= 40, "the sink wrote nothing")
+        wait_for(lambda: rows(out) >= at, f"the sink wrote fewer than {at} rows")
         chain.ingest.send_signal(signal.SIGKILL)
         chain.ingest.wait(5)
         killed = time.monotonic()
@@ -122,7 +127,7 @@ def test_a_killed_ingest_leaves_a_file_closed_incomplete_with_what_is_missing(d)
     with h5py.File(out, "r") as f, h5py.File(d / "reference.h5", "r") as ref:
         assert "went silent" in f.attrs["incomplete_reason"]
         ids = f["event_id"][()]
-        assert 40 <= len(ids) < N_EVENTS
+        assert at <= len(ids) < N_EVENTS, f"killed at {at} rows (seed {seed})"
         index = np.searchsorted(ref["event_id"][()], ids)
         np.testing.assert_array_equal(ref["event_id"][()][index], ids)
         np.testing.assert_array_equal(f["camera/ROI_1_sum"][()], ref["camera/ROI_1_sum"][()][index])
