@@ -82,6 +82,31 @@ def chain_config(chain, config_path=None):
     return cfg
 
 
+def in_thread(fn, *args, **kwargs):
+    """Start fn(*args, **kwargs) in a thread; returns result(timeout): what fn returned,
+    or raised, failing the test when fn takes longer."""
+    box = []
+
+    def run():
+        try:
+            box.append((fn(*args, **kwargs), None))
+        except BaseException as e:
+            box.append((None, e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result(timeout):
+        thread.join(timeout)
+        assert box, f"{fn.__name__} did not return within {timeout} s"
+        value, error = box[0]
+        if error is not None:
+            raise error
+        return value
+
+    return result
+
+
 def publish_in_thread(chain, raw, rate: float = 0.0, config_path=None) -> threading.Thread:
     """Publish the run ``raw`` into the chain from a daemon thread (started)."""
     from gpusmd.services.publish import publish

@@ -4,7 +4,6 @@ comes. The local chain starts from any folder and says why a service died; the m
 endpoint listens where --metrics-host says."""
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 
@@ -21,6 +20,8 @@ from gpusmd.services.metrics import Metrics
 from gpusmd.services.publish import publish
 from gpusmd.services.run import replay_via_services
 from gpusmd.simulate import simulate_run
+
+from conftest import in_thread
 
 N_EVENTS = 200
 RUN = ["begin_run"] + ["event"] * N_EVENTS + ["end"]
@@ -47,31 +48,6 @@ def small_run(tmp_path):
     simulate_run(tmp_path / "run.h5", "camera", n_events=20, shape=(16, 32))
     (tmp_path / "run.yaml").write_text(CONFIG)
     return tmp_path
-
-
-def in_thread(fn, *args, **kwargs):
-    """Start fn(*args, **kwargs) in a thread; returns result(timeout): what fn returned,
-    or raised, failing the test when fn takes longer."""
-    box = []
-
-    def run():
-        try:
-            box.append((fn(*args, **kwargs), None))
-        except BaseException as e:
-            box.append((None, e))
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def result(timeout):
-        thread.join(timeout)
-        assert box, f"{fn.__name__} did not return within {timeout} s"
-        value, error = box[0]
-        if error is not None:
-            raise error
-        return value
-
-    return result
 
 
 @contextmanager

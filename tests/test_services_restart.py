@@ -20,7 +20,7 @@ from gpusmd.services.publish import publish
 from gpusmd.services.shm import PREFIX, SHM_DIR, host_key
 from gpusmd.simulate import simulate_run
 
-from conftest import chain_config, publish_in_thread, replay_reference, wait_for
+from conftest import chain_config, in_thread, publish_in_thread, replay_reference, wait_for
 
 N_EVENTS = 300
 CONFIG = """\
@@ -192,7 +192,7 @@ def test_a_run_published_twenty_times_gives_twenty_complete_files(tmp_path, slow
         files = [tmp_path / "take_Run0007.h5"] + [tmp_path / f"take_Run0007_{k}.h5"
                                                   for k in range(1, takes)]
         for k in range(takes):
-            assert publish(tmp_path / "run.h5", cfg) == n
+            assert in_thread(publish, tmp_path / "run.h5", cfg)(60) == n
             wait_for(lambda: files[k].exists() and is_complete(files[k]),
                      f"take {k} was not completed", timeout=60)
     finally:

@@ -30,7 +30,7 @@ from gpusmd.services.protocol import (ProtocolError, batch_token, check_result, 
 from gpusmd.services.publish import publish
 from gpusmd.simulate import simulate_run
 
-from conftest import chain_config, replay_reference, wait_for
+from conftest import chain_config, in_thread, replay_reference, wait_for
 
 DET = "camera"
 N = 100
@@ -641,7 +641,7 @@ def test_idle_workers_stopped_then_resumed_take_the_next_run(chain):
             os.kill(w.pid, signal.SIGCONT)
     wait_for(lambda: count("asked to rejoin") >= before + 2,
              "the workers were not asked to rejoin", 10)
-    assert publish(chain.dir / "run.h5", chain_config(chain)) == N
+    assert in_thread(publish, chain.dir / "run.h5", chain_config(chain))(60) == N
     out = written(chain, 2)
     all_alive(chain)
     assert_rows(out, chain)
