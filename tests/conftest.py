@@ -1,8 +1,16 @@
 """Shared fixtures: small simulated raw runs (cached per session, treat them as read-only)."""
+import os
 import threading
 import time
 
 import pytest
+
+# The suite runs the reference CPU engine (NumPy) unless told otherwise: the compiled one
+# costs every process that calibrates a second or two to load (the services' workers,
+# the CLI tests), and is compared with NumPy's bit for bit in tests/test_cpu_engine.py
+# and through a whole chain in test_all_functions.py. Set it before the test modules
+# make their backends at import.
+os.environ.setdefault("GPUSMD_CPU_ENGINE", "numpy")
 
 from gpusmd.simulate import simulate_run
 

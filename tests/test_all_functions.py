@@ -141,8 +141,13 @@ def test_dataset_names(two_detectors):
             assert "azav_0__q" in cfg
 
 
-def test_services_equal_in_process_with_every_function(two_detectors):
+def test_services_equal_in_process_with_every_function(two_detectors, monkeypatch):
+    """The workers on the compiled CPU engine (numba, 1 thread each), the in-process
+    reference on NumPy's (the suite's default, conftest): the same file."""
+    pytest.importorskip("numba", reason="the compiled engine needs numba (extra test)")
     d = two_detectors
+    monkeypatch.setenv("GPUSMD_CPU_ENGINE", "numba")
+    monkeypatch.setenv("GPUSMD_THREADS", "1")
     summary = replay_via_services(d / "run.h5", d / "run.yaml", d / "services.h5", 2, "cpu",
                                   timeout=120)
     assert summary.n_events == N

@@ -4,6 +4,7 @@ gain after it, every group layout and median rule, every common-mode code that u
 them, the azimuthal histogram; on any thread count. Without numba the NumPy engine runs, with a warning, and a
 replay gives the same file."""
 import dataclasses
+import os
 import subprocess
 import sys
 import textwrap
@@ -252,7 +253,7 @@ def test_a_replay_without_numba_gives_the_same_file(tmp_path):
                 f"sys.exit(main(['replay', '{d / 'run.h5'}', '--config', '{d / 'run.yaml'}', "
                 f"'-o', '{out}', '--backend', 'cpu', '-q']))")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=120, env={**os.environ, cpu_engine.ENV_VAR: "auto"})
         assert done.returncode == 0, done.stderr
         outs[name] = (out, done.stderr)
     assert "numba is not available" in outs["numpy"][1]
