@@ -534,6 +534,9 @@ class CommonMode:
         self.cmpars = tuple(cmpars)
         self.function = mode_function(int(cmpars[0]))
         engine = engine or ("array" if xp is np else "kernel")
+        if engine == "numba":
+            from ..cpu_engine import compiled
+            engine = "numba" if compiled("numba") else "array"     # (it warns, once)
         self.ctx = ModeContext(model, None if rms is None else xp.asarray(rms, dtype=xp.float32)
                                .reshape(-1), xp, engine=engine, rules=rules)
 
