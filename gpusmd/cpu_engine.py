@@ -1,7 +1,7 @@
 """Which engine runs the hot CPU stages, and on how many threads.
 
 Two engines give the same numbers, bit for bit: ``numba`` (gpusmd.numba_kernels:
-compiled loops over the raw frames, medians by selection, on numba's threads) and
+compiled loops over the raw frames and the group medians, on numba's threads) and
 ``numpy`` (array operations, the reference). As pyFAI picks its integrators, one call,
 :func:`cpu_engine`, takes the best that is installed: ``auto`` (the default) is numba
 when it imports, else NumPy with one warning naming the install that adds it; asking
@@ -70,25 +70,25 @@ def engine_name(command_line: str | None = None) -> str:
     return "auto"
 
 
-_chosen: str | None = None       # the engine that ran where numba was wanted and missing
+_warned = False                  # numba wanted and missing: said once a process
 _threads: int | None = None      # the compiled engine's threads, once set
 
 
 def cpu_engine(name: str | None = None) -> str:
     """The engine that runs ("numba" or "numpy") for the engine asked for (see
     engine_name); warns once a process when numba is wanted and missing."""
-    global _chosen
+    global _warned
     asked = engine_name(name)
     if asked == "numpy":
         return "numpy"
     if numba_kernels() is not None:
         return "numba"
-    if _chosen != "numpy":
+    if not _warned:
         warnings.warn(f"CPU engine {asked}: numba is not available "
                       f"({getattr(numba_kernels, 'why', 'not installed')}); the NumPy engine "
                       f"runs, with the same numbers, slower ({INSTALL} adds numba)",
                       EngineFallbackWarning, stacklevel=2)
-    _chosen = "numpy"
+        _warned = True
     return "numpy"
 
 

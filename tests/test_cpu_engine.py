@@ -207,7 +207,7 @@ def test_the_engine_asked_for(monkeypatch):
     # without numba: the NumPy engine, and a warning that names the install
     monkeypatch.delenv(cpu_engine.ENV_VAR)
     monkeypatch.setattr(cpu_engine, "numba_kernels", lambda: None)
-    monkeypatch.setattr(cpu_engine, "_chosen", None)
+    monkeypatch.setattr(cpu_engine, "_warned", False)
     with pytest.warns(cpu_engine.EngineFallbackWarning, match=r"gpusmd\[fast\]"):
         assert cpu_engine.cpu_engine("numba") == "numpy"
     with warnings.catch_warnings():

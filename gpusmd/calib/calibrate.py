@@ -245,16 +245,11 @@ class Calibrator:
         else:
             ped, scale, _ = self.tables(step)
             out = None if out is None else out.reshape(flat.shape)
-            if self.compiled:
+            if self.backend.compiled:
                 result = calibrate_compiled(flat, ped, scale, self.model, out)
             else:
                 result = calibrate_switch(flat, ped, scale, self.model, xp, out)
         return result.reshape(raw.shape)
-
-    @property
-    def compiled(self) -> bool:
-        """Whether the CPU pass runs on the compiled engine (gpusmd.cpu_engine)."""
-        return self.backend.compiled
 
     def tables(self, step: int):
         """The switch tables of a config step, on the backend (built once)."""
@@ -291,14 +286,14 @@ class Calibrator:
         raw = xp.asarray(raw)
         flat = raw.reshape(raw.shape[0], -1)
         ped, scale, good = self.tables(step)
-        if self.compiled:
+        if self.backend.compiled:
             return split_compiled(flat, ped, good, self.model)
         return split_switch(flat, ped, scale, good, self.model, xp)
 
     def apply_gain(self, raw, adu, scale, step: int = 0, out=None):
         """The calibrated frames (B, npix) from split's adu and scale, into ``out``
         (B, npix) where given."""
-        if self.compiled:
+        if self.backend.compiled:
             return gain_compiled(np.asarray(raw).reshape(adu.shape), self.tables(step)[1],
                                  adu, out)
         if out is None:

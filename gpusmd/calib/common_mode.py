@@ -26,6 +26,7 @@ vote, a pixel of rms 0 (unknown noise) is not flagged by the rms test.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +83,22 @@ class Groups:
         lattice = tuple((int(n), int(stride)) for n, stride in lattice)
         return cls(name, lattice_starts(lattice), n_outer, outer_stride, n_inner,
                    inner_stride, lattice)
+
+    @functools.cached_property
+    def column_run(self) -> int:
+        """For groups of single pixels a row apart (columns): how many adjacent groups run
+        side by side (starts[g + 1] = starts[g] + 1 within a run); 0 for other groups.
+        Found once per set of groups (the compiled engine asks at every pass)."""
+        if self.n_inner != 1 or self.n_outer < 2:
+            return 0
+        starts = self.starts
+        steps = np.flatnonzero(np.diff(starts) != 1)
+        run = int(steps[0]) + 1 if len(steps) else len(starts)
+        if len(starts) % run or not np.array_equal(
+                starts.reshape(-1, run) - starts[::run, None],
+                np.broadcast_to(np.arange(run), (len(starts) // run, run))):
+            return 0
+        return run
 
     def view(self, frames: np.ndarray) -> np.ndarray | None:
         """(B, *lattice counts, n_outer, n_inner) view of frames (B, npix) (C-ordered
@@ -145,25 +162,10 @@ def group_correct(adu, good, groups: Groups, rule: Rule, xp=np):
     return cm, applied
 
 
-def column_run(groups: Groups) -> int:
-    """For groups of single pixels a row apart (columns): how many adjacent groups run
-    side by side (starts[g + 1] = starts[g] + 1 within a run); 0 for other groups."""
-    if groups.n_inner != 1 or groups.n_outer < 2:
-        return 0
-    starts = groups.starts
-    steps = np.flatnonzero(np.diff(starts) != 1)
-    run = int(steps[0]) + 1 if len(steps) else len(starts)
-    if len(starts) % run or not np.array_equal(
-            starts.reshape(-1, run) - starts[::run, None], np.broadcast_to(np.arange(run),
-                                                                          (len(starts) // run, run))):
-        return 0
-    return run
-
-
 def compiled_layout(groups: Groups) -> str | None:
     """Which compiled group pass takes these groups: "runs" (contiguous runs of pixels:
     banks, rows, chunks, frames), "columns", or None (then the array path runs)."""
-    if column_run(groups):
+    if groups.column_run:
         return "columns"
     return "runs" if groups.inner_stride == 1 else None
 
@@ -184,7 +186,7 @@ def group_correct_compiled(adu, good, groups: Groups, rule: Rule):
     if layout == "runs":
         where = (groups.starts, groups.n_outer, groups.outer_stride, groups.n_inner)
     else:
-        where = (groups.starts, groups.n_outer, groups.outer_stride, column_run(groups))
+        where = (groups.starts, groups.n_outer, groups.outer_stride, groups.column_run)
     launch(f"gather_{layout}", adu, good, *where, np.float32(rule.lo), np.float32(rule.hi),
            padded, count)
     sort_rows(padded.reshape(-1, groups.size))

@@ -308,7 +308,6 @@ def process_dark(source, out_path, detectors=None, gain_path=None, run_max: int 
         run.__exit__(None, None, None)
     if share is not None and share.rank != 0:
         return out
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with written_whole(out_path) as part:
             for d, c in out.items():

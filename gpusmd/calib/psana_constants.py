@@ -526,7 +526,6 @@ def save_constants(constants: Constants, path, detname: str, force: bool = False
     """Write a gpusmd constants file holding one detector, all at once (a file that exists
     is replaced only with ``force``)."""
     path = check_new_output(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with written_whole(path) as part:
         constants.save(part, detname, mode="w")
     return path
